@@ -1,0 +1,5 @@
+import sys
+
+from twinkle.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""RMSNorm: the pattern every op follows (public function -> checks -> registry -> backend)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import registry
+from ..checks import require_same_device, require_size, require_tensor
+from ..registry import Impl
+
+registry.register(
+    'rms_norm',
+    impls={
+        'reference': Impl('reference'),
+        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
+    },
+    priority={
+        'cuda': ['triton', 'reference'],
+        '*': ['reference'],
+    },
+)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """Root-mean-square norm over the last dim: ``x * rsqrt(mean(x^2) + eps) * (weight + offset)``.
+
+    ``offset=1.0`` is the Gemma / Qwen3.5 form whose weight is stored as ``weight - 1``.
+    The math runs in fp32 whatever the dtypes; the result has ``x``'s dtype.
+    ``backend`` forces an implementation (see ``twinkle.kernels.select('rms_norm')``).
+    """
+    require_tensor('x', x, floating=True, min_dims=1)
+    require_tensor('weight', weight, floating=True, dims=(1,))
+    require_size('weight', weight.shape[0], x.shape[-1], 'length equal to the last dim of x,')
+    require_same_device('x', x, weight=weight)
+    if not eps >= 0:
+        raise ValueError(f'eps must be >= 0, got {eps}')
+    return registry.resolve('rms_norm', backend, x.device)(x, weight, float(eps), float(offset))
+
+
+from .module import TwinkleRMSNorm  # noqa: E402  (the module wraps the function above)
+
+__all__ = ['rms_norm', 'TwinkleRMSNorm']

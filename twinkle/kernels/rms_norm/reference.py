@@ -1,0 +1,11 @@
+"""RMSNorm in plain PyTorch: the oracle of the tests and the fallback on every device.
+
+y = x / sqrt(mean(x^2) + eps) * (weight + offset), computed in fp32 and rounded once to x's dtype.
+"""
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * rstd * (weight.float() + offset)).to(x.dtype)

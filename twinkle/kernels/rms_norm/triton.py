@@ -1,0 +1,109 @@
+"""RMSNorm in Triton: one program per row forward; backward rows split over a few programs,
+each accumulating its share of dW in fp32 so the reduction over rows needs no atomics.
+
+Loads are upcast to fp32 and results rounded once on store (the interpreter's bf16 math is
+broken, and this is also what keeps low-precision results accurate on GPUs).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK = 65536
+
+
+@triton.jit
+def _rms_norm_forward_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, offset,
+                             BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    y = x * rstd * (w + offset)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx,
+                              n_rows, n_cols, offset, rows_per_program, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 loop index: no overflow of row * stride
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        x_hat = x * rstd
+        g = dy * w
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * x_hat
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def _launch_settings(n_cols: int):
+    block = triton.next_power_of_2(n_cols)
+    if block > MAX_BLOCK:
+        raise ValueError(f'triton rms_norm supports a hidden size up to {MAX_BLOCK}, got {n_cols}; '
+                         f'use backend="reference"')
+    num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, num_warps
+
+
+def _backward_programs(n_rows: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU once; few under the interpreter (each costs ~1 ms)."""
+    if device.type == 'cuda':
+        return min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count * 2)
+    return min(n_rows, 4)
+
+
+def rms_norm_forward(x, weight, eps, offset):
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).contiguous()
+    n_rows, n_cols = x2d.shape
+    y = torch.empty_like(x2d)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        block, num_warps = _launch_settings(n_cols)
+        _rms_norm_forward_kernel[(n_rows,)](x2d, weight.contiguous(), y, rstd, x2d.stride(0), y.stride(0),
+                                            n_cols, eps, offset, BLOCK=block, num_warps=num_warps)
+    return y.view(shape), x2d, rstd
+
+
+def rms_norm_backward(dy, x2d, weight, rstd, offset):
+    dy2d = dy.reshape(-1, x2d.shape[-1]).contiguous()
+    n_rows, n_cols = x2d.shape
+    dx = torch.empty_like(x2d)
+    programs = _backward_programs(n_rows, x2d.device)
+    dw_partial = torch.zeros(max(programs, 1), n_cols, dtype=torch.float32, device=x2d.device)
+    if n_rows:
+        block, num_warps = _launch_settings(n_cols)
+        _rms_norm_backward_kernel[(programs,)](
+            dy2d, x2d, weight.contiguous(), rstd, dx, dw_partial, dy2d.stride(0), x2d.stride(0), dx.stride(0),
+            n_rows, n_cols, offset, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=num_warps)
+    return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+class TritonRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        y, x2d, rstd = rms_norm_forward(x, weight, eps, offset)
+        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.offset = offset
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x2d, weight, rstd, ctx.offset)
+        return dx, dw, None, None
+
+
+def rms_norm(x, weight, eps, offset):
+    return TritonRMSNormFunction.apply(x, weight, eps, offset)
