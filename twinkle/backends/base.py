@@ -7,6 +7,7 @@ The device layer imports nothing else of twinkle.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import ClassVar, Optional, Tuple
 
 import torch
@@ -68,11 +69,12 @@ class Backend:
     def device_count(self) -> int:
         return 1
 
+    def local_index(self) -> int:
+        """This process's device index: LOCAL_RANK under torchrun (wrapped to the device count)."""
+        return int(os.environ.get('LOCAL_RANK', '0')) % max(self.device_count(), 1)
+
     def local_device(self) -> torch.device:
-        """The device of this process: ``<type>:LOCAL_RANK`` under torchrun."""
-        import os
-        index = int(os.environ.get('LOCAL_RANK', '0'))
-        return torch.device(self.torch_device_type, index % max(self.device_count(), 1))
+        return torch.device(self.torch_device_type, self.local_index())
 
     @property
     def torch_device_type(self) -> str:

@@ -23,11 +23,11 @@ class CudaBackend(Backend):
 
     @property
     def device_name(self) -> str:
-        return torch.cuda.get_device_name(self._index())
+        return torch.cuda.get_device_name(self.local_index())
 
     @property
     def compute_capability(self) -> Optional[Tuple[int, int]]:
-        return tuple(torch.cuda.get_device_capability(self._index()))
+        return tuple(torch.cuda.get_device_capability(self.local_index()))
 
     @property
     def supports_bf16(self) -> bool:
@@ -52,6 +52,3 @@ class CudaBackend(Backend):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
-
-    def _index(self) -> int:
-        return self.local_device().index or 0

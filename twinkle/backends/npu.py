@@ -35,7 +35,7 @@ class NpuBackend(Backend):
 
     @property
     def device_name(self) -> str:
-        return torch_npu().npu.get_device_name(self.local_device().index or 0)
+        return torch_npu().npu.get_device_name(self.local_index())
 
     @property
     def supports_bf16(self) -> bool:

@@ -1,0 +1,36 @@
+# Two commands matter: `make train` and `make test`. Both create .venv on first use.
+# GPU users: make setup TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev,triton,liger
+STAMP      := $(VENV)/.twinkle-installed
+
+.PHONY: setup train test bench env clean
+
+setup: $(STAMP)
+
+# torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+train: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/train.py
+
+# pytest exits 5 when it collects no test: make fails then, as it does on any failure.
+test: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(if $(FULL),--full)
+
+env: setup
+	$(PY) -m twinkle env
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,138 @@
+"""RMSNorm: every backend against the reference, forward and backward, and the module wrapper.
+
+Tolerances: fp32 1e-5 relative (reductions reorder); low precision is compared with the
+reference computed from the same low-precision inputs, within one or two output ulps."""
+import pytest
+import torch
+
+from twinkle import kernels
+from twinkle.kernels import registry
+
+FAST_BACKENDS = [b for b in registry.backends_of('rms_norm') if b != 'reference']
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def skip_unavailable(backend):
+    reason = registry.unavailable_reason('rms_norm', backend, 'cpu')
+    if reason:
+        pytest.skip(f'{backend}: {reason}')
+
+
+def eager_rms_norm(x, weight, eps, offset):
+    """Written out independently of the reference: the reference must match it too."""
+    x64 = x.double()
+    return (x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps) * (weight.double() + offset))
+
+
+def run(backend, x, weight, grad_out, offset, eps=1e-6):
+    x = x.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    y = kernels.rms_norm(x, weight, eps, offset=offset, backend=backend)
+    y.backward(grad_out)
+    return y, x.grad, weight.grad
+
+
+def inputs(shape, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator).to(dtype)
+    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(dtype)
+    grad_out = torch.randn(shape, generator=generator).to(dtype)
+    return x, weight, grad_out
+
+
+@pytest.mark.parametrize('offset', [0.0, 1.0])
+def test_reference_matches_independent_formula_and_autograd(offset):
+    x, weight, grad_out = inputs((5, 7, 33), torch.float32)
+    y, dx, dw = run('reference', x, weight, grad_out, offset)
+    x64, w64 = x.double().requires_grad_(True), weight.double().requires_grad_(True)
+    expected = eager_rms_norm(x64, w64, 1e-6, offset)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(y.double(), expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('backend', FAST_BACKENDS)
+@pytest.mark.parametrize('offset', [0.0, 1.0])
+@pytest.mark.parametrize('shape', [(9, 41, 341), (3, 64), (1, 1, 5)])
+def test_fp32_matches_reference(backend, offset, shape):
+    skip_unavailable(backend)
+    x, weight, grad_out = inputs(shape, torch.float32)
+    expected = run('reference', x, weight, grad_out, offset)
+    for got, want in zip(run(backend, x, weight, grad_out, offset), expected):
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+def low_precision_cases():
+    for backend in FAST_BACKENDS:
+        # The Triton interpreter's bf16 arithmetic is broken, so Triton is checked in fp16 there;
+        # CPU paths in bf16.
+        yield backend, torch.float16 if backend == 'triton' else torch.bfloat16
+
+
+@pytest.mark.parametrize('backend,dtype', list(low_precision_cases()))
+@pytest.mark.parametrize('offset', [0.0, 1.0])
+def test_low_precision_matches_reference(backend, dtype, offset):
+    skip_unavailable(backend)
+    x, weight, grad_out = inputs((9, 41, 341), dtype)
+    expected = run('reference', x, weight, grad_out, offset)
+    for got, want in zip(run(backend, x, weight, grad_out, offset), expected):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+def test_reference_bf16_close_to_fp32_truth():
+    x, weight, grad_out = inputs((9, 41, 341), torch.bfloat16)
+    got = run('reference', x, weight, grad_out, 0.0)[0]
+    truth = eager_rms_norm(x, weight, 1e-6, 0.0).to(torch.bfloat16)
+    torch.testing.assert_close(got, truth, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize('backend', ['reference'] + FAST_BACKENDS)
+def test_empty_input(backend):
+    skip_unavailable(backend)
+    x, weight, grad_out = inputs((0, 16), torch.float32)
+    y, dx, dw = run(backend, x, weight, grad_out, 0.0)
+    assert y.shape == (0, 16) and dx.shape == (0, 16)
+    torch.testing.assert_close(dw, torch.zeros(16))
+
+
+@pytest.mark.parametrize('backend', ['reference'] + FAST_BACKENDS)
+def test_non_contiguous_input(backend):
+    skip_unavailable(backend)
+    x, weight, grad_out = inputs((6, 40), torch.float32)
+    strided = x.t().contiguous().t()[:, :40]  # column-major storage
+    expected = kernels.rms_norm(x, weight, backend='reference')
+    torch.testing.assert_close(kernels.rms_norm(strided, weight, backend=backend), expected,
+                               **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize('args,kwargs,argument', [
+    ((torch.randn(2, 8), torch.ones(7)), {}, 'weight'),
+    ((torch.randn(2, 8), torch.ones(2, 8)), {}, 'weight'),
+    ((torch.randint(0, 5, (2, 8)), torch.ones(8)), {}, 'x'),
+    (([1.0, 2.0], torch.ones(2)), {}, 'x'),
+    ((torch.randn(2, 8), torch.ones(8, dtype=torch.int64)), {}, 'weight'),
+    ((torch.randn(2, 8, device='meta'), torch.ones(8)), {}, 'weight'),
+    ((torch.randn(2, 8), torch.ones(8)), {'eps': -1.0}, 'eps'),
+])
+def test_bad_input_names_the_argument(args, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        kernels.rms_norm(*args, **kwargs)
+
+
+def test_module_keeps_hf_attribute_names_and_state_dict():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    ours, theirs = kernels.TwinkleRMSNorm(32, eps=1e-5), Qwen3RMSNorm(32, eps=1e-5)
+    assert ours.variance_epsilon == theirs.variance_epsilon == 1e-5
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(ours(x), theirs(x), **TOLERANCE[torch.float32])
+
+
+def test_offset_module_starts_as_identity_scale():
+    module = kernels.TwinkleRMSNorm(16, offset=1.0)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(module(x), kernels.rms_norm(x, torch.ones(16)))
+    assert 'offset=1.0' in repr(module)
