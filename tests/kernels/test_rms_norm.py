@@ -8,7 +8,9 @@ import torch
 from twinkle import kernels
 from twinkle.kernels import registry
 
-FAST_BACKENDS = [b for b in registry.backends_of('rms_norm') if b != 'reference']
+# Backends that can run here (Triton through the interpreter); liger/npu get dispatch tests below.
+FAST_BACKENDS = [b for b in registry.backends_of('rms_norm')
+                 if b != 'reference' and registry.unavailable_reason('rms_norm', b, 'cpu') is None]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
              torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 
@@ -136,3 +138,41 @@ def test_offset_module_starts_as_identity_scale():
     x = torch.randn(3, 16)
     torch.testing.assert_close(module(x), kernels.rms_norm(x, torch.ones(16)))
     assert 'offset=1.0' in repr(module)
+
+
+def test_liger_adapter_maps_arguments(monkeypatch):
+    """Liger's RMSNorm does not run in the Triton interpreter: check what we hand it."""
+    from twinkle.kernels.rms_norm import liger
+    calls = []
+
+    class FakeLigerFunction:
+        @staticmethod
+        def apply(*args):
+            calls.append(args)
+            return args[0]
+
+    monkeypatch.setattr(liger, 'LigerRMSNormFunction', FakeLigerFunction)
+    x, weight = torch.randn(2, 8), torch.ones(8)
+    liger.rms_norm(x, weight, 1e-5, 1.0)
+    assert calls[0][2:] == (1e-5, 1.0, 'gemma', False)  # eps, offset, fp32 casting, not in place
+
+
+def test_npu_adapter_maps_arguments(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+    calls = []
+
+    def npu_rms_norm(x, gamma, epsilon):
+        calls.append((gamma, epsilon))
+        return x * gamma, torch.ones(x.shape[:-1])
+
+    fake = types.ModuleType('torch_npu')
+    fake.__spec__ = importlib.machinery.ModuleSpec('torch_npu', None)
+    fake.npu_rms_norm = npu_rms_norm
+    monkeypatch.setitem(sys.modules, 'torch_npu', fake)
+    from twinkle.kernels.rms_norm import npu
+    weight = torch.full((8,), 0.5)
+    npu.rms_norm(torch.randn(2, 8), weight, 1e-5, 1.0)
+    torch.testing.assert_close(calls[0][0], weight + 1.0)
+    assert calls[0][1] == 1e-5

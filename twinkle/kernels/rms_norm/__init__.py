@@ -14,9 +14,12 @@ registry.register(
     impls={
         'reference': Impl('reference'),
         'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
+        'liger': Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel',), extra='liger'),
+        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
     },
     priority={
-        'cuda': ['triton', 'reference'],
+        'cuda': ['triton', 'liger', 'reference'],
+        'npu': ['npu', 'reference'],
         '*': ['reference'],
     },
 )
