@@ -1,0 +1,141 @@
+"""DataLoader: global batches, each data-parallel rank reading only its own slice.
+
+``batch_size`` is the GLOBAL batch: every step the epoch's next ``batch_size`` samples are split
+into contiguous, disjoint slices, one per data-parallel rank, so all ranks together consume each
+sample of the epoch once. The rank and the number of ranks come from ``device_mesh.data_rank``
+and ``device_mesh.data_world_size`` (any object with those attributes); without a mesh the one
+process reads whole batches.
+
+The state is (epoch, samples consumed in it), identical on every rank, so ``state_dict`` from any
+rank resumes all of them: the next batch is exactly the one that would have come next. The epoch's
+order is a permutation seeded by ``seed + epoch``, reproduced on resume.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+import torch
+
+from twinkle.utils.logger import get_logger
+
+logger = get_logger(__name__)
+
+
+class DataLoader:
+    """Iterates lists of this rank's samples (feed them to an ``InputProcessor`` to get tensors).
+
+    Args:
+        dataset: a map-style dataset (``len`` and indexing), an iterable one (e.g. streaming), or
+            a callable that builds one (so a remote worker can build its own).
+        batch_size: global samples per step, a multiple of the data world size.
+        min_batch_size: a last global batch smaller than this is dropped (default: the data world
+            size, so every rank gets at least one sample).
+        device_mesh: object with ``data_rank`` and ``data_world_size``; None means one rank.
+        shuffle: reshuffle each epoch (default: yes for map-style datasets; streams keep their order).
+        seed: base of the per-epoch shuffle seed.
+    """
+
+    def __init__(self, dataset: Union[Any, Callable[[], Any]], batch_size: int, min_batch_size: Optional[int] = None,
+                 device_mesh: Any = None, shuffle: Optional[bool] = None, seed: int = 42):
+        self.dataset = _built(dataset)
+        self.rank, self.world_size = _data_coordinates(device_mesh)
+        if not isinstance(batch_size, int) or batch_size < 1 or batch_size % self.world_size:
+            raise ValueError(f'batch_size must be a positive multiple of the data world size '
+                             f'{self.world_size}, got {batch_size!r}')
+        min_batch_size = self.world_size if min_batch_size is None else min_batch_size
+        if not isinstance(min_batch_size, int) or not 1 <= min_batch_size <= batch_size:
+            raise ValueError(f'min_batch_size must be an int in [1, batch_size={batch_size}], got {min_batch_size!r}')
+        self.sized = _has_length(self.dataset)
+        if shuffle and not self.sized:
+            raise ValueError('shuffle=True needs a map-style dataset; an iterable dataset keeps its order')
+        self.shuffle = self.sized if shuffle is None else shuffle
+        self.batch_size, self.min_batch_size, self.seed = batch_size, min_batch_size, seed
+        self.epoch, self.consumed_samples = 0, 0
+
+    def __len__(self) -> int:
+        """Global batches (steps) per epoch, the same on every rank."""
+        if not self.sized:
+            raise TypeError('an iterable dataset has no length, so neither has its DataLoader')
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full + int(0 < rest and rest >= self.min_batch_size)
+
+    def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
+        """The rest of the current epoch (all of it unless resumed or interrupted)."""
+        batches = self._sized_batches() if self.sized else self._streamed_batches()
+        for global_batch in batches:
+            if len(global_batch) < self.min_batch_size:
+                break
+            self.consumed_samples += len(global_batch)
+            yield self._my_slice(global_batch)
+        self.epoch, self.consumed_samples = self.epoch + 1, 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return {'epoch': self.epoch, 'consumed_samples': self.consumed_samples, 'seed': self.seed,
+                'batch_size': self.batch_size}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Resume: the next batch starts right after the consumed samples of ``state``'s epoch."""
+        missing = {'epoch', 'consumed_samples'} - set(state)
+        if missing:
+            raise ValueError(f'state is missing {sorted(missing)}')
+        if state.get('seed', self.seed) != self.seed:
+            raise ValueError(f'state was saved with seed {state["seed"]}, this loader has seed {self.seed}')
+        self.epoch, self.consumed_samples = int(state['epoch']), int(state['consumed_samples'])
+
+    # -- internals ------------------------------------------------------------------------------
+    def _sized_batches(self) -> Iterator[List[Any]]:
+        """Global batches as lists of dataset indices: reading only this rank's rows is cheap."""
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(n))
+        for start in range(self.consumed_samples, n, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def _streamed_batches(self) -> Iterator[List[Any]]:
+        """Global batches of rows read from the stream, after skipping the consumed ones."""
+        stream = iter(self.dataset)
+        for _ in range(self.consumed_samples):
+            next(stream, None)
+        batch: List[Any] = []
+        for row in stream:
+            batch.append(row)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _my_slice(self, global_batch: List[Any]) -> List[Dict[str, Any]]:
+        """This rank's contiguous share; shares differ by at most one in a short last batch."""
+        base, extra = divmod(len(global_batch), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        mine = global_batch[start:start + base + (self.rank < extra)]
+        return [self.dataset[i] for i in mine] if self.sized else mine
+
+
+def _built(dataset: Any) -> Any:
+    """A dataset, or what a factory function returns (datasets themselves are not plain callables)."""
+    is_factory = callable(dataset) and not hasattr(dataset, '__getitem__') and not hasattr(dataset, '__iter__')
+    return dataset() if is_factory else dataset
+
+
+def _data_coordinates(device_mesh: Any):
+    if device_mesh is None:
+        return 0, 1
+    try:
+        rank, world_size = int(device_mesh.data_rank), int(device_mesh.data_world_size)
+    except AttributeError as error:
+        raise ValueError('device_mesh must have data_rank and data_world_size') from error
+    if not 0 <= rank < world_size:
+        raise ValueError(f'device_mesh.data_rank {rank} is outside [0, data_world_size={world_size})')
+    return rank, world_size
+
+
+def _has_length(dataset: Any) -> bool:
+    try:
+        len(dataset)
+    except TypeError:
+        return False
+    return True

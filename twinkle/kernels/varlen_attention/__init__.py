@@ -1,0 +1,78 @@
+"""Varlen attention: packed sequences attend within themselves only.
+
+Packing puts several samples in one row of ``total`` tokens; ``cu_seq_lens`` (cumulative
+lengths, ``[0, len0, len0+len1, ..., total]``) says where each begins. Attention must not cross
+those boundaries, or a packed batch would train differently from the same samples padded.
+Backends: ``flash_attn`` (CUDA), ``npu`` (torch_npu fusion attention), ``sdpa`` (one batched,
+masked SDPA: exact anywhere) and ``reference`` (a loop over sequences, the oracle).
+``register_hf_attention()`` makes it a Hugging Face attention implementation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import registry
+from ..checks import require_same_device, require_size, require_tensor
+from ..registry import Impl
+
+registry.register(
+    'varlen_attention',
+    impls={
+        'reference': Impl('reference'),
+        'sdpa': Impl('sdpa'),
+        'flash_attn': Impl('flash', devices=('cuda',), packages=('flash_attn',),
+                           check=lambda target: None if target.has_flash_attn else 'flash-attn 2 needs sm80+'),
+        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+    },
+    priority={
+        'cuda': ['flash_attn', 'sdpa', 'reference'],
+        'npu': ['npu', 'sdpa', 'reference'],
+        '*': ['sdpa', 'reference'],
+    },
+)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, *,
+                     causal: bool = True, scale: Optional[float] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Attention over packed sequences: ``q`` ``(total, heads, dim)``, ``k``/``v`` ``(total, kv_heads,
+    dim)`` with kv_heads dividing heads (grouped-query attention), ``cu_seq_lens`` the int
+    boundaries ``(sequences + 1,)``. Returns ``(total, heads, dim)`` in q's dtype.
+
+    ``scale`` defaults to ``dim ** -0.5``; ``backend`` forces an implementation.
+    """
+    require_tensor('q', q, floating=True, dims=(3,))
+    require_tensor('k', k, floating=True, dims=(3,))
+    require_tensor('v', v, floating=True, dims=(3,))
+    require_tensor('cu_seq_lens', cu_seq_lens, dims=(1,))
+    require_same_device('q', q, k=k, v=v, cu_seq_lens=cu_seq_lens)
+    if k.shape != v.shape:
+        raise ValueError(f'k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}')
+    require_size('k', k.shape[0], q.shape[0], 'tokens (dim 0) equal to those of q,')
+    require_size('k', k.shape[2], q.shape[2], 'head dim equal to that of q,')
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f'k: its {k.shape[1]} heads must divide the {q.shape[1]} heads of q')
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f'q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
+    _check_boundaries(cu_seq_lens, q.shape[0])
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f'scale must be a positive finite number, got {scale!r}')
+    return registry.resolve('varlen_attention', backend, q.device)(q, k, v, cu_seq_lens, bool(causal), float(scale))
+
+
+def _check_boundaries(cu_seq_lens: torch.Tensor, total: int) -> None:
+    if cu_seq_lens.dtype.is_floating_point or cu_seq_lens.dtype == torch.bool or cu_seq_lens.numel() == 0:
+        raise ValueError(f'cu_seq_lens must be a non-empty integer tensor, got dtype {cu_seq_lens.dtype}')
+    bounds = cu_seq_lens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f'cu_seq_lens must rise from 0 to the {total} tokens of q without decreasing, '
+                         f'got {bounds[:8]}{"..." if len(bounds) > 8 else ""}')
+
+
+from .hf_attention import HF_ATTENTION_NAME, register_hf_attention  # noqa: E402  (uses the op above)
+
+__all__ = ['HF_ATTENTION_NAME', 'register_hf_attention', 'varlen_attention']

@@ -1,0 +1,24 @@
+"""Varlen attention in plain PyTorch: each sequence attends to itself alone, one at a time.
+
+The oracle of the tests and the fallback everywhere: a loop over sequences, each a dense
+attention computed in fp32 (key/value heads repeated for grouped-query attention), rounded
+once to the input dtype.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor,
+                     causal: bool, scale: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seq_lens.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if start == end:
+            continue
+        q_seq = q[start:end].float().transpose(0, 1)                                   # (heads, len, dim)
+        k_seq = k[start:end].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        v_seq = v[start:end].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, is_causal=causal, scale=scale)
+        outputs.append(out.transpose(0, 1).to(q.dtype))
+    return torch.cat(outputs) if outputs else q.clone()  # no tokens: nothing to attend
