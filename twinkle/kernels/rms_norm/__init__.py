@@ -7,12 +7,14 @@ import torch
 
 from .. import registry
 from ..checks import require_same_device, require_size, require_tensor
+from ..native import cpu_check
 from ..registry import Impl
 
 registry.register(
     'rms_norm',
     impls={
         'reference': Impl('reference'),
+        'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
         'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
         'liger': Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel',), extra='liger'),
         'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
@@ -20,6 +22,7 @@ registry.register(
     priority={
         'cuda': ['triton', 'liger', 'reference'],
         'npu': ['npu', 'reference'],
+        'cpu': ['cpu', 'reference'],
         '*': ['reference'],
     },
 )
