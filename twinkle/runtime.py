@@ -1,29 +1,53 @@
-"""Process set-up shared by every entry point."""
+"""Process set-up shared by every entry point: device, process group, mesh, seeds."""
 from __future__ import annotations
 
+import datetime
+import os
 import random
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import backends
+from .parallel.collectives import collective
+from .parallel.mesh import DeviceMesh, set_global_mesh
 from .utils.logger import get_logger
 
 logger = get_logger(__name__)
 
 
-def initialize(mode: str = 'local', *, seed: Optional[int] = 42, full_determinism: bool = False, **kwargs):
-    """Detect the device, apply its process tuning and seed every RNG.
+def initialize(mode: str = 'local', global_device_mesh: Optional[DeviceMesh] = None, seed: Optional[int] = 42,
+               full_determinism: bool = False, timeout: Union[None, float, datetime.timedelta] = None, **kwargs):
+    """Detect the device, join the torchrun job (if any), record the mesh and seed every RNG.
 
-    Distributed set-up (meshes, process groups) arrives with the parallel layer; until then any
-    argument for it is refused rather than ignored.
+    Under torchrun (RANK and WORLD_SIZE set) this creates the default process group with the device
+    layer's backend (gloo, nccl, hccl) and checks that ``global_device_mesh`` spans WORLD_SIZE ranks
+    (default mesh: FSDP over all of them). ``timeout`` (seconds or a timedelta) bounds every
+    collective; a stalled rank then fails the job with a ``CollectiveTimeout``. Every rank gets the
+    same seed, so every rank builds the same initial weights. Returns the device backend.
     """
+    if mode == 'ray':
+        raise NotImplementedError("mode='ray' is not implemented yet: launch with torchrun and mode='local'")
     if mode != 'local':
-        raise ValueError(f'mode={mode!r} is not supported yet; valid: "local"')
+        raise ValueError(f'mode={mode!r} is not supported; valid: "local" (torchrun or a single process)')
     if kwargs:
         raise TypeError(f'initialize() got unsupported arguments: {", ".join(sorted(kwargs))}')
+    if global_device_mesh is not None and not isinstance(global_device_mesh, DeviceMesh):
+        raise ValueError(f'global_device_mesh must be a twinkle DeviceMesh, got {type(global_device_mesh).__name__}')
+    timeout = _as_timedelta(timeout)
+    under_torchrun = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    world_size = int(os.environ['WORLD_SIZE']) if under_torchrun else 1
+    mesh = global_device_mesh or _default_mesh(world_size)
+    if mesh.world_size != world_size:
+        launched = f'torchrun started WORLD_SIZE={world_size}' if under_torchrun else 'this is a single process'
+        raise ValueError(f'global_device_mesh has {mesh.world_size} ranks ({mesh.describe_sizes()}) but {launched}; '
+                         f'launch with torchrun --nproc_per_node={mesh.world_size} or change the sizes')
     device = backends.current()
+    if under_torchrun:
+        _join_process_group(device, timeout)
+    set_global_mesh(mesh)
     if seed is not None:
         random.seed(seed)
         np.random.seed(seed)
@@ -31,3 +55,36 @@ def initialize(mode: str = 'local', *, seed: Optional[int] = 42, full_determinis
     if full_determinism:
         torch.use_deterministic_algorithms(True)
     return device
+
+
+def _default_mesh(world_size: int) -> DeviceMesh:
+    if world_size > 1:
+        logger.info('no global_device_mesh given: FSDP over all %d ranks (fsdp_size=%d)', world_size, world_size)
+    return DeviceMesh.from_sizes(fsdp_size=world_size)
+
+
+def _as_timedelta(timeout) -> Optional[datetime.timedelta]:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        seconds = None if timeout is None else timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise ValueError(f'timeout must be seconds (a number) or a timedelta, got {timeout!r}')
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f'timeout must be positive, got {seconds} seconds')
+    return None if seconds is None else datetime.timedelta(seconds=seconds)
+
+
+def _join_process_group(device: backends.Backend, timeout: Optional[datetime.timedelta]) -> None:
+    """Create the default process group (unless the caller already did) and wait for every rank."""
+    if dist.is_initialized():
+        logger.info('process group already initialised (%s, %d ranks): kept', dist.get_backend(),
+                    dist.get_world_size())
+        return
+    if device.torch_device_type != 'cpu':
+        torch.accelerator.set_device_index(device.local_index())
+    dist.init_process_group(backend=device.dist_backend, timeout=timeout)
+    with collective('initialize'):
+        dist.barrier()
+    logger.info('process group: %s, %d ranks, collective timeout %s', device.dist_backend, dist.get_world_size(),
+                timeout or 'torch default')

@@ -1,0 +1,17 @@
+"""Parallelism applied to models from outside: the mesh, FSDP2/HSDP, gradients, collectives, checkpoints.
+
+Typical torchrun script::
+
+    mesh = DeviceMesh.from_sizes(dp_size=2, fsdp_size=4)
+    twinkle.initialize(mode='local', global_device_mesh=mesh)
+    model = parallelize(get_peft_model(model, lora_config), mesh)
+"""
+from .checkpoint import load_sharded, rng_state, save_full_state_dict, save_sharded, set_rng_state
+from .collectives import CollectiveTimeout, all_reduce_sum, collective
+from .fsdp import decoder_layers, parallelize
+from .gradients import clip_grad_norm_, scale_gradients_
+from .mesh import DeviceGroup, DeviceMesh, get_device_placement, global_mesh
+
+__all__ = ['CollectiveTimeout', 'DeviceGroup', 'DeviceMesh', 'all_reduce_sum', 'clip_grad_norm_', 'collective',
+           'decoder_layers', 'get_device_placement', 'global_mesh', 'load_sharded', 'parallelize', 'rng_state',
+           'save_full_state_dict', 'save_sharded', 'scale_gradients_', 'set_rng_state']

@@ -1,0 +1,147 @@
+"""Checkpoints of (possibly sharded) models, in two kinds.
+
+- Full, for people and other tools: ``save_full_state_dict`` gathers the weights to rank 0, which
+  writes Hugging Face format (or peft adapter format for a PeftModel: adapter weights only). Load it
+  with ``from_pretrained`` on any number of ranks, then ``parallelize``.
+- Sharded, for exact resume: ``save_sharded`` / ``load_sharded`` use torch.distributed.checkpoint,
+  each rank writing its own shards of the model and optimizer (DCP reshards on load if the world
+  size changed), plus a per-rank ``extra_state`` dict (scheduler, dataloader, ``rng_state()``).
+
+Both are written to a temporary directory next to ``path`` and renamed into place, so ``path``
+never holds a half-written checkpoint. Every rank must call these functions (they are collective).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from twinkle import backends
+from twinkle.utils.io import atomic_directory
+from twinkle.utils.logger import get_logger
+
+from .collectives import collective
+
+logger = get_logger(__name__)
+
+_EXTRA_STATE = 'extra_state.rank{rank}.pt'
+
+
+def save_full_state_dict(model: nn.Module, path: str, *, safe_serialization: bool = True) -> None:
+    """Gather the full weights (CPU, rank 0) and write them with the model's ``save_pretrained``.
+
+    A peft model saves its trainable (adapter) weights only; frozen base weights are not gathered.
+    """
+    if not hasattr(model, 'save_pretrained'):
+        raise ValueError(f'model ({type(model).__name__}) has no save_pretrained: not a Hugging Face or peft model')
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    is_peft = hasattr(model, 'peft_config')
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_peft)
+    with collective('save_full_state_dict'):
+        state_dict = get_model_state_dict(model, options=options)
+        tensors = len(state_dict)  # save_pretrained may empty the dict
+        if _rank() == 0:
+            with atomic_directory(path) as staging:
+                model.save_pretrained(staging, state_dict=state_dict, safe_serialization=safe_serialization)
+            logger.info('saved %s weights (%d tensors) to %s', 'adapter' if is_peft else 'full', tensors, path)
+        _barrier()
+
+
+def save_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 extra_state: Optional[Dict[str, Any]] = None) -> None:
+    """Write this rank's model and optimizer shards and its ``extra_state`` (any picklable dict)."""
+    from torch.distributed.checkpoint import save
+    with collective('save_sharded'), _shared_atomic_directory(path) as staging:
+        save(_training_state(model, optimizer), checkpoint_id=staging)
+        torch.save(extra_state or {}, os.path.join(staging, _EXTRA_STATE.format(rank=_rank())))
+    logger.info('saved sharded checkpoint (%d ranks) to %s', _world_size(), path)
+
+
+def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+    """Load what ``save_sharded`` wrote into ``model`` (already parallelized) and ``optimizer``;
+    returns this rank's ``extra_state`` (rank 0's when the checkpoint came from fewer ranks)."""
+    if not os.path.isdir(path):
+        raise ValueError(f'path {path!r} is not a checkpoint directory')
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    with collective('load_sharded'):
+        state = _training_state(model, optimizer)
+        load(state, checkpoint_id=path)
+        set_model_state_dict(model, state['model'])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state['optimizer'])
+    extra_file = os.path.join(path, _EXTRA_STATE.format(rank=_rank()))
+    if not os.path.exists(extra_file):
+        logger.info('no extra state for rank %d in %s (saved on fewer ranks): using rank 0\'s', _rank(), path)
+        extra_file = os.path.join(path, _EXTRA_STATE.format(rank=0))
+    return torch.load(extra_file, weights_only=False)  # our own file: it holds RNG states (numpy, python)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG this process draws from (python, numpy, torch CPU, the accelerator), for resume."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    device_type = backends.current().torch_device_type
+    if device_type != 'cpu':
+        state[device_type] = torch.get_device_module(device_type).get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    device_type = backends.current().torch_device_type
+    if device_type in state:
+        torch.get_device_module(device_type).set_rng_state(state[device_type])
+
+
+def _training_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+    """This rank's sharded model (and optimizer) state, keyed by parameter names, as DCP wants it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {'model': get_model_state_dict(model)}
+    if optimizer is not None:
+        state['optimizer'] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+@contextlib.contextmanager
+def _shared_atomic_directory(path: str) -> Iterator[str]:
+    """``atomic_directory`` opened by rank 0 and shared: every rank writes into the same staging
+    directory, and rank 0 renames it into place once all have finished."""
+    if _rank() == 0:
+        with atomic_directory(path) as staging:
+            _broadcast_from_rank0(staging)
+            yield staging
+            _barrier()
+    else:
+        yield _broadcast_from_rank0(None)
+        _barrier()
+    _barrier()
+
+
+def _broadcast_from_rank0(value):
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

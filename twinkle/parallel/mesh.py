@@ -1,0 +1,200 @@
+"""Where every rank sits: named parallel dimensions over the ranks of a job.
+
+A training script changes only ``DeviceMesh.from_sizes(...)`` to go from one device to many; the
+rest of the library asks the mesh which data slice this rank reads (``data_rank``), which process
+group a dimension communicates over (``group``), and hands FSDP the torch mesh (``to_torch``).
+Ranks are laid out row-major over the dims in ``DIM_ORDER`` (the last dim varies fastest), so the
+ranks that talk most (tp, then ulysses, cp) are neighbours, i.e. on the same host.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+# Outer to inner. dp and fsdp are always present (size 1 allowed) because FSDP slices them by name.
+DIM_ORDER = ('pp', 'dp', 'fsdp', 'ep', 'cp', 'ulysses', 'tp')
+DATA_DIMS = ('dp', 'fsdp')
+
+_global_mesh: Optional['DeviceMesh'] = None
+_CELL = 8  # column width of get_device_placement's drawing
+
+
+@dataclass
+class DeviceGroup:
+    """A named set of ranks that components run on (``ranks=8`` means ranks 0..7)."""
+
+    name: str
+    ranks: Union[int, List[int]]
+    device_type: Optional[str] = None
+
+    def __post_init__(self):
+        counted = isinstance(self.ranks, int) and not isinstance(self.ranks, bool)
+        ranks = list(range(self.ranks)) if counted else list(self.ranks)
+        if not ranks or not all(isinstance(rank, int) and rank >= 0 for rank in ranks):
+            raise ValueError(f'ranks must be a positive count or a list of ranks, got {self.ranks!r}')
+        self.ranks = ranks
+
+
+@dataclass
+class DeviceMesh:
+    """Ranks arranged on named dims (``DeviceMesh({'dp': 2, 'fsdp': 4})``); see ``from_sizes``."""
+
+    dims: Dict[str, int]
+    device_type: Optional[str] = None
+    _torch_mesh: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        unknown = [name for name in self.dims if name not in DIM_ORDER]
+        if unknown:
+            raise ValueError(f'dims has unknown names {unknown}; valid: {", ".join(DIM_ORDER)}')
+        for name, size in self.dims.items():
+            _check_size(f'{name} size', size)
+        given = dict(self.dims)
+        for name in DATA_DIMS:
+            given.setdefault(name, 1)
+        self.dims = {name: given[name] for name in DIM_ORDER if name in given}
+
+    @classmethod
+    def from_sizes(cls, *, world_size: Optional[int] = None, dp_size: int = 1, fsdp_size: Optional[int] = None,
+                   tp_size: Optional[int] = None, pp_size: Optional[int] = None, cp_size: Optional[int] = None,
+                   ep_size: Optional[int] = None, ulysses_size: Optional[int] = None,
+                   device_type: Optional[str] = None) -> 'DeviceMesh':
+        """A mesh from per-dim sizes; ``world_size`` (when given) must be their product.
+
+        Dims left at None or 1 are absent (``size`` answers 1), except dp and fsdp which always exist.
+        """
+        sizes = {'pp': pp_size, 'dp': dp_size, 'fsdp': fsdp_size, 'ep': ep_size, 'cp': cp_size,
+                 'ulysses': ulysses_size, 'tp': tp_size}
+        for name, size in sizes.items():
+            if size is not None:
+                _check_size(f'{name}_size', size)
+        dims = {name: size for name, size in sizes.items() if size is not None and size > 1}
+        mesh = cls(dims, device_type)
+        if world_size is not None:
+            _check_size('world_size', world_size)
+            if mesh.world_size != world_size:
+                raise ValueError(f'the mesh sizes {mesh.describe_sizes()} = {mesh.world_size} ranks '
+                                 f'do not multiply to world_size={world_size}')
+        return mesh
+
+    # -- shape ------------------------------------------------------------------------------
+    @property
+    def dim_names(self) -> Tuple[str, ...]:
+        return tuple(self.dims)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.dims.values())
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.shape)
+
+    def size(self, dim: str) -> int:
+        """Ranks along ``dim`` (1 for a known dim this mesh does not use)."""
+        if dim not in DIM_ORDER:
+            raise ValueError(f'dim {dim!r} is not a mesh dim; valid: {", ".join(DIM_ORDER)}')
+        return self.dims.get(dim, 1)
+
+    def describe_sizes(self) -> str:
+        """'dp_size=2 x fsdp_size=4' (dims of size 1 left out unless all are 1)."""
+        shown = [f'{name}_size={size}' for name, size in self.dims.items() if size > 1]
+        return ' x '.join(shown) or 'all sizes 1'
+
+    # -- where this rank sits ---------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's global rank (RANK before the process group exists, e.g. at mesh creation)."""
+        return dist.get_rank() if dist.is_initialized() else int(os.environ.get('RANK', '0'))
+
+    def coordinate(self, rank: Optional[int] = None) -> Dict[str, int]:
+        """{dim: index} of ``rank`` (default: this rank)."""
+        rank = self.rank if rank is None else rank
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f'rank {rank} is outside this mesh of {self.world_size} ranks')
+        coordinate = {}
+        for name, size in reversed(self.dims.items()):
+            rank, coordinate[name] = divmod(rank, size)
+        return {name: coordinate[name] for name in self.dims}
+
+    @property
+    def data_world_size(self) -> int:
+        """Ranks that read different data: dp x fsdp (tp, cp, ulysses, ep ranks share a slice)."""
+        return self.dims['dp'] * self.dims['fsdp']
+
+    @property
+    def data_rank(self) -> int:
+        """Which of the ``data_world_size`` data slices this rank reads."""
+        coordinate = self.coordinate()
+        return coordinate['dp'] * self.dims['fsdp'] + coordinate['fsdp']
+
+    # -- torch objects ------------------------------------------------------------------------
+    def resolved_device_type(self) -> str:
+        """``device_type`` or, when unset, the torch device type of the detected backend."""
+        if self.device_type is not None:
+            return self.device_type
+        from twinkle import backends
+        return backends.current().torch_device_type
+
+    def to_torch(self):
+        """The torch ``DeviceMesh`` with the same dim names (built on first use: it creates groups)."""
+        if self._torch_mesh is None:
+            if not dist.is_initialized():
+                raise RuntimeError('the process group is not initialised: call twinkle.initialize() '
+                                   'under torchrun before using the mesh for communication')
+            if dist.get_world_size() != self.world_size:
+                raise ValueError(f'the mesh has {self.world_size} ranks ({self.describe_sizes()}) '
+                                 f'but the process group has {dist.get_world_size()}')
+            from torch.distributed.device_mesh import DeviceMesh as TorchDeviceMesh
+            ranks = torch.arange(self.world_size).reshape(self.shape)
+            self._torch_mesh = TorchDeviceMesh(self.resolved_device_type(), ranks, mesh_dim_names=self.dim_names)
+        return self._torch_mesh
+
+    def group(self, dim: str):
+        """The process group of this rank's neighbours along ``dim``."""
+        if dim not in self.dims:
+            raise ValueError(f'dim {dim!r} is not in this mesh (dims: {", ".join(self.dims)})')
+        return self.to_torch().get_group(dim)
+
+
+def _check_size(name: str, size) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f'{name} must be a positive int, got {size!r}')
+
+
+def set_global_mesh(mesh: Optional[DeviceMesh]) -> None:
+    """Record the job's mesh (``twinkle.initialize`` does this)."""
+    global _global_mesh
+    _global_mesh = mesh
+
+
+def global_mesh() -> Optional[DeviceMesh]:
+    """The mesh given to ``twinkle.initialize`` (None before it ran)."""
+    return _global_mesh
+
+
+def get_device_placement(mesh: Optional[DeviceMesh] = None) -> str:
+    """A drawing of the layout (default: the global mesh): one row per outer coordinate, ranks
+    along the innermost dim, this process marked with ``*``."""
+    mesh = mesh or global_mesh() or DeviceMesh({})
+    me = mesh.rank
+    *outer, inner = [name for name, size in mesh.dims.items() if size > 1] or ['fsdp']
+    rows: Dict[str, List[str]] = {}
+    for rank in range(mesh.world_size):
+        where = mesh.coordinate(rank)
+        label = ' '.join(f'{name}{where[name]}' for name in outer)
+        rows.setdefault(label, []).append(f'{rank}*' if rank == me else f'{rank} ')
+    label_width = max(len(label) for label in rows)
+    lines = [f'DeviceMesh {mesh.describe_sizes()}: {mesh.world_size} ranks on {mesh.resolved_device_type()}',
+             ' ' * label_width + ''.join(f'{inner}{index} '.rjust(_CELL) for index in range(mesh.size(inner)))]
+    lines += [label.ljust(label_width) + ''.join(cell.rjust(_CELL) for cell in cells)
+              for label, cells in rows.items()]
+    if 0 <= me < mesh.world_size:
+        where = ' '.join(f'{name}={index}' for name, index in mesh.coordinate(me).items())
+        lines.append(f'this process (*): rank {me} at {where}, data slice {mesh.data_rank} of {mesh.data_world_size}')
+    return '\n'.join(lines)
