@@ -30,7 +30,8 @@ class DataLoader:
         batch_size: global samples per step, a multiple of the data world size.
         min_batch_size: a last global batch smaller than this is dropped (default: the data world
             size, so every rank gets at least one sample).
-        device_mesh: object with ``data_rank`` and ``data_world_size``; None means one rank.
+        device_mesh: object with ``data_rank`` and ``data_world_size``; None means the mesh given to
+            ``twinkle.initialize`` (one rank without it).
         shuffle: reshuffle each epoch (default: yes for map-style datasets; streams keep their order).
         seed: base of the per-epoch shuffle seed.
     """
@@ -123,7 +124,10 @@ def _built(dataset: Any) -> Any:
 
 def _data_coordinates(device_mesh: Any):
     if device_mesh is None:
-        return 0, 1
+        from twinkle.parallel import global_mesh
+        device_mesh = global_mesh()  # the mesh twinkle.initialize() recorded, as the seeds' scripts expect
+        if device_mesh is None:
+            return 0, 1
     try:
         rank, world_size = int(device_mesh.data_rank), int(device_mesh.data_world_size)
     except AttributeError as error:

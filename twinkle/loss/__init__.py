@@ -1,0 +1,12 @@
+"""Losses: ``loss(inputs, outputs) -> (summed loss, number of tokens it sums over)``.
+
+Returning the *sum* and the count, not a mean, is what makes gradient accumulation and data
+parallelism exact: the model adapter divides the accumulated gradients once by the total token
+count of all micro-batches (and ranks), instead of averaging per-batch means.
+"""
+from .base import Loss, shifted_labels
+from .cross_entropy import ChunkedCrossEntropyLoss, CrossEntropyLoss
+
+LOSSES = {cls.__name__: cls for cls in (CrossEntropyLoss, ChunkedCrossEntropyLoss)}
+
+__all__ = ['ChunkedCrossEntropyLoss', 'CrossEntropyLoss', 'LOSSES', 'Loss', 'shifted_labels']

@@ -1,0 +1,33 @@
+"""The loss interface every training objective implements."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class Loss:
+    """Subclasses implement ``__call__(inputs, outputs) -> (loss_sum, num_tokens)``.
+
+    ``inputs`` is the collated batch (``input_ids``, ``labels``, ...); ``outputs`` the model's
+    output. A loss that can be computed inside the model's forward without logits (fused linear
+    cross-entropy) sets ``model_computes_loss = True``: the adapter then passes the labels to the
+    model and the loss reads ``outputs.loss``, a sum over tokens.
+    """
+
+    model_computes_loss = False
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them (position t predicts token t + 1)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def count_tokens(labels: torch.Tensor) -> torch.Tensor:
+    return (shifted_labels(labels) != IGNORE_INDEX).sum()

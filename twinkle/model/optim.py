@@ -1,0 +1,74 @@
+"""Optimizers and learning-rate schedules by name, as the seeds' API passes them."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Union
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+OPTIMIZERS = {name: getattr(torch.optim, name) for name in
+              ('AdamW', 'Adam', 'SGD', 'Adafactor', 'Adagrad', 'RMSprop') if hasattr(torch.optim, name)}
+
+
+def _warmup(step: int, num_warmup_steps: int) -> float:
+    return (step + 1) / (num_warmup_steps + 1)
+
+
+def CosineWarmupScheduler(optimizer, num_warmup_steps: int = 0, num_training_steps: int = 1,
+                          min_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up over ``num_warmup_steps``, then cosine decay to ``min_lr_ratio`` x lr."""
+    _check_steps(num_warmup_steps, num_training_steps)
+
+    def factor(step: int) -> float:
+        if step < num_warmup_steps:
+            return _warmup(step, num_warmup_steps)
+        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LambdaLR(optimizer, factor)
+
+
+def LinearWarmupScheduler(optimizer, num_warmup_steps: int = 0, num_training_steps: int = 1,
+                          min_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up, then linear decay to ``min_lr_ratio`` x lr at ``num_training_steps``."""
+    _check_steps(num_warmup_steps, num_training_steps)
+
+    def factor(step: int) -> float:
+        if step < num_warmup_steps:
+            return _warmup(step, num_warmup_steps)
+        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
+    return LambdaLR(optimizer, factor)
+
+
+SCHEDULERS = {'CosineWarmupScheduler': CosineWarmupScheduler, 'LinearWarmupScheduler': LinearWarmupScheduler}
+
+
+def _check_steps(num_warmup_steps: int, num_training_steps: int) -> None:
+    if num_warmup_steps < 0 or num_training_steps < 1:
+        raise ValueError(f'need num_warmup_steps >= 0 and num_training_steps >= 1, '
+                         f'got {num_warmup_steps} and {num_training_steps}')
+
+
+def build_optimizer(optimizer_cls: Union[str, type, torch.optim.Optimizer], params: Iterable, **kwargs: Any):
+    if isinstance(optimizer_cls, torch.optim.Optimizer):
+        if kwargs:
+            raise ValueError('an optimizer instance takes no keyword arguments')
+        return optimizer_cls
+    if isinstance(optimizer_cls, str):
+        if optimizer_cls not in OPTIMIZERS:
+            raise ValueError(f'unknown optimizer {optimizer_cls!r}; valid: {", ".join(OPTIMIZERS)} '
+                             f'(or pass a class or an instance)')
+        optimizer_cls = OPTIMIZERS[optimizer_cls]
+    return optimizer_cls(params, **kwargs)
+
+
+def build_scheduler(scheduler_cls: Union[str, Callable, Any], optimizer, **kwargs: Any):
+    if isinstance(scheduler_cls, str):
+        if scheduler_cls not in SCHEDULERS:
+            raise ValueError(f'unknown scheduler {scheduler_cls!r}; valid: {", ".join(SCHEDULERS)} '
+                             f'(or pass a class or an instance)')
+        scheduler_cls = SCHEDULERS[scheduler_cls]
+    if not callable(scheduler_cls):  # an instance, already bound to an optimizer
+        return scheduler_cls
+    return scheduler_cls(optimizer, **kwargs)

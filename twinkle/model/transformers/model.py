@@ -1,0 +1,413 @@
+"""TransformersModel: a Hugging Face causal LM behind the seeds' training API.
+
+At load it asks the device layer for dtype, loss scaling and attention, and applies twinkle's
+kernels (``kernelize``). Training state lives per trainable unit (the full model, or each LoRA
+adapter), so several adapters can train on one base model with their own optimizer, schedule,
+loss and gradient accumulation.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from twinkle import backends, hub
+from twinkle.kernels import kernelize, report
+from twinkle.loss import LOSSES, Loss
+from twinkle.model.base import TwinkleModel
+from twinkle.model.optim import build_optimizer, build_scheduler
+from twinkle.model.precision import choose_attention, choose_precision
+from twinkle.model.train_state import TrainState
+from twinkle.parallel import (all_reduce_sum, clip_grad_norm_, collective, global_mesh, load_sharded, parallelize,
+                              save_full_state_dict, save_sharded, scale_gradients_)
+from twinkle.utils.logger import get_logger
+
+from . import checkpoint
+from .batches import model_inputs, to_batches
+
+logger = get_logger(__name__)
+
+FULL_MODEL = ''  # the TrainState name used when no adapter is added
+SHARDED_STATE = 'sharded'  # subfolder of a checkpoint with the FSDP shards of model and optimizer
+
+
+class TransformersModel(TwinkleModel):
+    """The seeds' training API over a Hugging Face ``*ForCausalLM``.
+
+    Args:
+        model_id: local path, ``ms://org/name`` or ``hf://org/name``.
+        model_cls: class (or ``transformers`` class name) to load with; default AutoModelForCausalLM.
+        config: build from this config instead of loading weights (``model_id`` then unused).
+        device_mesh: the parallel layout (single device when None).
+        mixed_precision: 'auto' (ask the device), 'bf16', 'fp16' or 'fp32'.
+        kernels: 'auto' (twinkle's choice per model family), a ``kernelize`` mapping, or None.
+        attn_implementation: 'auto' (flash-attn 2 where supported, else SDPA) or an HF name.
+    """
+
+    def __init__(self, model_id: Optional[str] = None, *, model_cls=None, config=None, device_mesh=None,
+                 mixed_precision: str = 'auto', kernels: Union[str, Dict, None] = 'auto',
+                 attn_implementation: str = 'auto', **from_pretrained_kwargs):
+        if from_pretrained_kwargs.pop('remote_group', None) is not None:
+            raise NotImplementedError('remote_group needs twinkle.initialize(mode="ray"), which is not available yet')
+        if model_id is None and config is None:
+            raise ValueError('TransformersModel needs model_id or config')
+        self.device = backends.current()
+        self.device_mesh = device_mesh if device_mesh is not None else global_mesh()
+        self.distributed = self.device_mesh is not None and self.device_mesh.data_world_size > 1
+        self.model_id = model_id
+        self.precision = choose_precision(self.device, mixed_precision)
+        if self.distributed and self.precision.autocast_dtype is not None:
+            # FSDP2 keeps fp32 shards and casts them for compute; no autocast on top.
+            self.precision = dataclasses.replace(self.precision, param_dtype=torch.float32, autocast_dtype=None,
+                                                 reason=self.precision.reason + ', FSDP2 mixed-precision policy')
+        attention, attention_reason = choose_attention(self.device, self.precision, attn_implementation)
+        logger.info('precision: %s (%s)%s', self.precision.name, self.precision.reason,
+                    '; fp16 gradient scaler on' if self.precision.use_grad_scaler else '')
+        logger.info('attention: %s (%s)', attention, attention_reason)
+        self.model = self._load(model_id, model_cls, config, attention, from_pretrained_kwargs)
+        self.kernels = kernels
+        self._apply_kernels(kernels)
+        self.template = None
+        self.processor = None
+        self._states: Dict[str, TrainState] = {}
+        self._active = FULL_MODEL
+        self._parallelized = False
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def add_adapter_to_model(self, adapter_name: str, config, gradient_accumulation_steps: int = 1) -> None:
+        """Add a LoRA (any peft config) named ``adapter_name``; it becomes the active adapter."""
+        import peft
+        if self._parallelized:
+            raise RuntimeError('add adapters before the model is sharded (before set_optimizer or the first forward)')
+        if adapter_name in self._states:
+            raise ValueError(f'adapter {adapter_name!r} already exists')
+        _check_positive('gradient_accumulation_steps', gradient_accumulation_steps)
+        if isinstance(self.model, peft.PeftModel):
+            self.model.add_adapter(adapter_name, config)
+        else:
+            self.model = peft.get_peft_model(self.model, config, adapter_name=adapter_name)
+        self.model.set_adapter(adapter_name)
+        parameters = self._trainable_parameters(adapter_name)
+        self._states[adapter_name] = TrainState(adapter_name, parameters, gradient_accumulation_steps,
+                                                scaler=self._new_scaler())
+        self._active = adapter_name
+        logger.info('adapter %r added: %d trainable parameters, gradient accumulation %d', adapter_name,
+                    sum(p.numel() for p in parameters), gradient_accumulation_steps)
+
+    def set_optimizer(self, optimizer_cls='AdamW', adapter_name: Optional[str] = None, **kwargs) -> None:
+        self._ensure_parallel()
+        state = self._state(adapter_name)
+        state.optimizer = build_optimizer(optimizer_cls, state.parameters, **kwargs)
+
+    def set_lr_scheduler(self, scheduler_cls='CosineWarmupScheduler', adapter_name: Optional[str] = None,
+                         **kwargs) -> None:
+        state = self._state(adapter_name)
+        if state.optimizer is None:
+            raise RuntimeError('set_lr_scheduler needs an optimizer: call set_optimizer first')
+        state.scheduler = build_scheduler(scheduler_cls, state.optimizer, **kwargs)
+
+    def set_loss(self, loss_cls: Union[str, type, Loss] = 'CrossEntropyLoss', adapter_name: Optional[str] = None,
+                 **kwargs) -> None:
+        if isinstance(loss_cls, str):
+            if loss_cls not in LOSSES:
+                raise ValueError(f'unknown loss {loss_cls!r}; valid: {", ".join(LOSSES)} (or a Loss class/instance)')
+            loss_cls = LOSSES[loss_cls]
+        self._state(adapter_name).loss = loss_cls(**kwargs) if isinstance(loss_cls, type) else loss_cls
+
+    def set_template(self, template='Template', **kwargs) -> None:
+        from twinkle.template import Template
+        if isinstance(template, str) or isinstance(template, type):
+            template_cls = Template if isinstance(template, str) else template
+            kwargs.setdefault('model_id', self.model_id)
+            template = template_cls(**kwargs)
+        self.template = template
+
+    def set_processor(self, processor='InputProcessor', **kwargs) -> None:
+        from twinkle.processor import InputProcessor
+        if isinstance(processor, (str, type)):
+            processor_cls = InputProcessor if isinstance(processor, str) else processor
+            if self.template is not None:
+                kwargs.setdefault('pad_token_id', self.template.pad_token_id)
+            processor = processor_cls(**kwargs)
+        self.processor = processor
+
+    # -- compute --------------------------------------------------------------------------------
+    def forward(self, inputs, adapter_name: Optional[str] = None):
+        """Forward with autograd on (no backward); returns the model output of the last micro-batch."""
+        state = self._state(adapter_name)
+        self._ensure_parallel()
+        self.model.train()
+        outputs = None
+        for batch in self._batches(inputs):
+            outputs = self._run(batch, state.loss)
+        return outputs
+
+    @torch.no_grad()
+    def forward_only(self, inputs, adapter_name: Optional[str] = None):
+        """Inference forward (logits built); updates the evaluation metrics when labels are given."""
+        state = self._state(adapter_name)
+        self._ensure_parallel()
+        self.model.eval()
+        outputs = None
+        for batch in self._batches(inputs):
+            outputs = self._run(batch, state.loss, want_loss=False)
+            if 'labels' in batch:
+                loss_sum, num_tokens = state.loss(batch, outputs)
+                for metric in state.eval_metrics:
+                    metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
+        return outputs
+
+    def forward_backward(self, inputs, adapter_name: Optional[str] = None) -> Dict[str, float]:
+        """One micro-batch of gradient accumulation: forward, loss sum, backward."""
+        state = self._state(adapter_name)
+        self._ensure_parallel()
+        self.model.train()
+        loss_total, tokens_total = 0.0, 0
+        for batch in self._batches(inputs):
+            with collective('forward_backward'):
+                outputs = self._run(batch, state.loss)
+                loss_sum, num_tokens = state.loss(batch, outputs)
+                if not state.loss_unit:  # the window's first micro-batch: mean-sized losses in backward
+                    state.loss_unit = self._mean_tokens_per_rank(num_tokens)
+                scaled = loss_sum / state.loss_unit
+                (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+            for metric in state.train_metrics:
+                metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
+            loss_total += float(loss_sum.detach())
+            tokens_total += int(num_tokens)
+        state.pending_micro_batches += 1
+        state.pending_tokens += tokens_total
+        state.gradients_finalized = False
+        return {'loss': loss_total / tokens_total if tokens_total else float('nan'), 'num_tokens': tokens_total}
+
+    def clip_grad_norm(self, max_grad_norm: float = 1.0, adapter_name: Optional[str] = None) -> float:
+        state = self._state(adapter_name)
+        self._finalize_gradients(state)
+        norm = float(clip_grad_norm_(state.parameters, max_grad_norm))
+        state.progress.update(grad_norm=norm)
+        return norm
+
+    def step(self, adapter_name: Optional[str] = None) -> None:
+        state = self._state(adapter_name)
+        if state.optimizer is None:
+            raise RuntimeError('step() needs an optimizer: call set_optimizer(...) first')
+        self._finalize_gradients(state)
+        with collective('step'):
+            if state.scaler is not None:
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+            else:
+                state.optimizer.step()
+        state.optimizer_steps += 1
+        state.progress.update(stepped=True, lr=state.optimizer.param_groups[0]['lr'])
+
+    def zero_grad(self, adapter_name: Optional[str] = None) -> None:
+        state = self._state(adapter_name)
+        for parameter in state.parameters:
+            parameter.grad = None
+        state.pending_micro_batches, state.pending_tokens, state.loss_unit = 0, 0, 0
+        state.gradients_finalized = False
+
+    def lr_step(self, adapter_name: Optional[str] = None) -> None:
+        state = self._state(adapter_name)
+        if state.scheduler is not None:
+            state.scheduler.step()
+
+    def clip_grad_and_step(self, max_grad_norm: float = 1.0, adapter_name: Optional[str] = None) -> Optional[float]:
+        """Clip, step, zero and advance the schedule once ``gradient_accumulation_steps`` micro-batches
+        have accumulated; before that it does nothing and returns None."""
+        state = self._state(adapter_name)
+        if state.pending_micro_batches < state.gradient_accumulation_steps:
+            return None
+        norm = self.clip_grad_norm(max_grad_norm, adapter_name)
+        self.step(adapter_name)
+        self.zero_grad(adapter_name)
+        self.lr_step(adapter_name)
+        return norm
+
+    # -- reporting ------------------------------------------------------------------------------
+    def calculate_metric(self, is_training: bool = True, adapter_name: Optional[str] = None) -> Dict[str, float]:
+        """Numbers since the last call: loss, accuracy (when logits exist), grad norm, lr, tokens, tokens/s."""
+        state = self._state(adapter_name)
+        metrics = state.train_metrics if is_training else state.eval_metrics
+        figures: Dict[str, float] = {}
+        for metric in metrics:
+            if self.distributed:
+                metric.all_reduce(all_reduce_sum)
+            figures.update(metric.compute())
+            metric.reset()
+        if is_training and state.optimizer is not None:
+            figures['lr'] = state.optimizer.param_groups[0]['lr']
+        return figures
+
+    def get_train_configs(self, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        state = self._state(adapter_name)
+        used_ops = {row['op']: f'{row["backend"]} ({row["reason"]})' for row in report()} if self.kernels else {}
+        return {
+            'model_id': self.model_id, 'model_class': type(self._base_model()).__name__,
+            'device': self.device.type, 'precision': self.precision.name,
+            'attention': self._base_model().config._attn_implementation,
+            'kernels': used_ops, 'adapter': state.name or None,
+            'trainable_parameters': sum(p.numel() for p in state.parameters),
+            'gradient_accumulation_steps': state.gradient_accumulation_steps,
+            'optimizer': type(state.optimizer).__name__ if state.optimizer else None,
+            'scheduler': type(state.scheduler).__name__ if state.scheduler else None,
+            'loss': type(state.loss).__name__,
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
+             adapter_name: Optional[str] = None) -> str:
+        """Write a Hugging Face (full) or peft (adapter) checkpoint; returns its directory."""
+        state = self._state(adapter_name)
+        path = os.path.join(output_dir, name) if output_dir else name
+        if self.distributed:
+            self._ensure_parallel()
+            save_full_state_dict(self.model, path)
+            if save_optimizer:
+                save_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer,
+                             extra_state=state.trainer_state(include_optimizer=False))
+            return path
+        tokenizer = self.template.tokenizer if self.template is not None else None
+        checkpoint.save(self.model, path, adapter=state.name or None, tokenizer=tokenizer,
+                        trainer_state=state.trainer_state() if save_optimizer else None)
+        logger.info('saved %s to %s', f'adapter {state.name!r}' if state.name else 'model', path)
+        return path
+
+    def load(self, name: str, output_dir: Optional[str] = None, adapter_name: Optional[str] = None,
+             load_optimizer: bool = False) -> None:
+        state = self._state(adapter_name)
+        path = os.path.join(output_dir, name) if output_dir else name
+        if self.distributed:
+            self._ensure_parallel()
+            if not load_optimizer:
+                raise NotImplementedError('under FSDP, load weights with from_pretrained (model_id=path); '
+                                          'load(load_optimizer=True) resumes a sharded checkpoint')
+            state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
+            return
+        trainer_state = checkpoint.load(self.model, path, adapter=state.name or None)
+        if load_optimizer:
+            if trainer_state is None:
+                raise ValueError(f'{path} holds no optimizer state (saved without save_optimizer=True)')
+            state.load_trainer_state(trainer_state)
+
+    def resume_from_checkpoint(self, checkpoint_dir: str, adapter_name: Optional[str] = None) -> None:
+        """Weights, optimizer, scheduler, scaler, step count and RNG state, for an exact continuation."""
+        self.load(checkpoint_dir, adapter_name=adapter_name, load_optimizer=True)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _load(self, model_id, model_cls, config, attention, kwargs) -> nn.Module:
+        import transformers
+        if model_cls is None:
+            model_cls = transformers.AutoModelForCausalLM
+        elif isinstance(model_cls, str):
+            model_cls = getattr(transformers, model_cls)
+        kwargs.setdefault('dtype', self.precision.param_dtype)
+        if model_id is not None:
+            model = model_cls.from_pretrained(hub.model_dir(model_id), attn_implementation=attention, **kwargs)
+        else:
+            from_config = getattr(model_cls, 'from_config', None) or model_cls._from_config
+            model = from_config(config, attn_implementation=attention, **kwargs)
+        return model.to(self.device.local_device())
+
+    def _ensure_parallel(self) -> None:
+        """Shard over the mesh once, after adapters are added (FSDP2 replaces the parameters)."""
+        if self._parallelized or not self.distributed:
+            return
+        mixed = None if self.precision.name == 'fp32' else self.precision.name
+        parallelize(self.model, self.device_mesh, mixed_precision=mixed)
+        for state in self._states.values():
+            state.parameters = self._trainable_parameters(state.name)
+        self._parallelized = True
+
+    def _trainable_parameters(self, adapter_name: str) -> List[nn.Parameter]:
+        marker = f'.{adapter_name}.'
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and (not adapter_name or marker in n)]
+
+    def _mean_tokens_per_rank(self, num_tokens) -> float:
+        ranks = self.device_mesh.data_world_size if self.distributed else 1
+        return max(float(all_reduce_sum(num_tokens)) / ranks, 1.0)
+
+    def _apply_kernels(self, kernels) -> None:
+        if kernels is None:
+            logger.info('kernels: none (kernels=None): stock Hugging Face modules')
+        elif kernels == 'auto':
+            kernelize(self.model)
+        elif isinstance(kernels, dict):
+            kernelize(self.model, kernels)
+        else:
+            raise ValueError(f"kernels must be 'auto', a kernelize mapping or None, got {kernels!r}")
+
+    def _state(self, adapter_name: Optional[str]) -> TrainState:
+        name = self._active if adapter_name is None else adapter_name
+        if name not in self._states:
+            if name != FULL_MODEL:
+                raise ValueError(f'unknown adapter {name!r}; added: {", ".join(self._states) or "none"}')
+            self._states[name] = TrainState(FULL_MODEL, self._trainable_parameters(FULL_MODEL),
+                                            scaler=self._new_scaler())
+        if name and getattr(self.model, 'active_adapter', name) != name:
+            self.model.set_adapter(name)
+        return self._states[name]
+
+    def _new_scaler(self) -> Optional[torch.amp.GradScaler]:
+        if not self.precision.use_grad_scaler:
+            return None
+        return torch.amp.GradScaler(self.device.torch_device_type)
+
+    def _batches(self, inputs) -> Iterable[Dict[str, Any]]:
+        return to_batches(inputs, self.processor, self.template, self.device.local_device())
+
+    def _run(self, batch: Dict[str, Any], loss: Loss, want_loss: bool = True):
+        if 'cu_seq_lens_q' in batch:
+            self._use_packed_attention()
+        kwargs = model_inputs(batch)
+        if want_loss and loss.model_computes_loss and 'labels' in batch:
+            # num_items_in_batch=1 makes the model's loss a sum over tokens (HF and twinkle heads alike)
+            kwargs.update(labels=batch['labels'], num_items_in_batch=1)
+        with self._autocast():
+            return self.model(**kwargs)
+
+    def _use_packed_attention(self) -> None:
+        """Packed (padding-free) rows need attention that stops at sequence boundaries: SDPA and
+        eager would attend across them. flash-attn 2 reads cu_seq_lens itself; else twinkle_varlen."""
+        from twinkle.kernels.varlen_attention import HF_ATTENTION_NAME, register_hf_attention
+        base = self._base_model()
+        current = base.config._attn_implementation
+        if current in ('flash_attention_2', HF_ATTENTION_NAME):
+            return
+        base.set_attn_implementation(register_hf_attention())
+        logger.info('attention: %s -> %s for packed batches (exact per-sequence attention)', current,
+                    HF_ATTENTION_NAME)
+
+    def _autocast(self):
+        if self.precision.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.torch_device_type, dtype=self.precision.autocast_dtype)
+
+    def _finalize_gradients(self, state: TrainState) -> None:
+        """Unscale fp16 gradients and turn the accumulated gradients into those of the mean over all
+        tokens of the window and ranks, once. (Backward ran on loss_sum / loss_unit, the first
+        micro-batch's mean token count per rank, so fp16 gradients stay mean-sized; FSDP sums
+        gradients over ranks.)"""
+        if state.gradients_finalized:
+            return
+        if state.scaler is not None and state.optimizer is not None:
+            state.scaler.unscale_(state.optimizer)
+        total_tokens = float(all_reduce_sum(state.pending_tokens))  # over micro-batches and data ranks
+        if total_tokens:
+            scale_gradients_(state.parameters, total_tokens / state.loss_unit)
+        state.gradients_finalized = True
+
+    def _base_model(self) -> nn.Module:
+        get_base = getattr(self.model, 'get_base_model', None)
+        return get_base() if get_base is not None else self.model
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
