@@ -27,13 +27,14 @@ def tiny_qwen3(seed=0):
 
 
 def loss_and_grads(model, input_ids):
+    model.eval()  # eval: logits are built, so they can be compared (training uses the fused loss)
     model.zero_grad()
     out = model(input_ids=input_ids, labels=input_ids)
     out.loss.backward()
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_auto_kernelize_replaces_every_rmsnorm_and_keeps_numerics():
+def test_auto_kernelize_replaces_every_known_module_and_keeps_numerics():
     stock = tiny_qwen3()
     ours = kernels.kernelize(copy.deepcopy(stock))
     norms = [m for m in ours.modules() if isinstance(m, Qwen3RMSNorm)]

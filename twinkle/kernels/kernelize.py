@@ -5,6 +5,9 @@ puts the replacement's ``forward`` first, so ``isinstance`` checks and the state
 or a dotted path ``pkg.module.attr`` (that attribute is set). A value is the replacement, a
 ``{device_type: replacement}`` dict (other devices are skipped), or a Hugging Face ``kernels``
 hub reference ``"org/repo:LayerName"`` (loaded through the optional ``kernels`` package).
+
+Function replacements (dotted paths, e.g. RoPE) are process-wide: they change the modeling module,
+so every model of that family in the process uses them, as Liger's and HF's patching do.
 """
 from __future__ import annotations
 
@@ -17,19 +20,41 @@ from torch import nn
 from twinkle import backends
 from twinkle.utils.logger import get_logger
 
+from .causal_lm import TwinkleCausalLMLoss
+from .grouped_experts import TwinkleMoeExperts
 from .rms_norm import TwinkleRMSNorm
+from .rope import apply_rotary_pos_emb
+from .swiglu import TwinkleSwiGLUMLP
+from .swiglu.module import is_silu
 
 logger = get_logger(__name__)
 
 MappingKey = Union[type, str]
 
-# Classes twinkle replaces on its own, by ``module.qualname`` so nothing is imported to match.
-AUTO_MAPPING: Dict[str, Any] = {
-    'transformers.models.llama.modeling_llama.LlamaRMSNorm': TwinkleRMSNorm,
-    'transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm': TwinkleRMSNorm,
-    'transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm': TwinkleRMSNorm,
-    'transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeRMSNorm': TwinkleRMSNorm,
+# Model families kernelize knows: modeling module -> class-name prefix.
+KNOWN_FAMILIES = {
+    'transformers.models.llama.modeling_llama': 'Llama',
+    'transformers.models.qwen2.modeling_qwen2': 'Qwen2',
+    'transformers.models.qwen3.modeling_qwen3': 'Qwen3',
+    'transformers.models.qwen3_moe.modeling_qwen3_moe': 'Qwen3Moe',
 }
+
+
+def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Hugging Face's signature (``unsqueeze_dim`` positional) over twinkle's RoPE op."""
+    return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+# Classes twinkle replaces on its own, matched by ``module.qualname`` so nothing is imported to match,
+# and the module-level functions replaced when a model of that family is kernelized.
+AUTO_MAPPING: Dict[str, Any] = {}
+AUTO_FUNCTIONS: Dict[str, Callable] = {}
+for _module, _prefix in KNOWN_FAMILIES.items():
+    AUTO_MAPPING[f'{_module}.{_prefix}RMSNorm'] = TwinkleRMSNorm
+    AUTO_MAPPING[f'{_module}.{_prefix}MLP'] = TwinkleSwiGLUMLP
+    AUTO_MAPPING[f'{_module}.{_prefix}ForCausalLM'] = TwinkleCausalLMLoss
+    AUTO_FUNCTIONS[f'{_module}.apply_rotary_pos_emb'] = hf_apply_rotary_pos_emb
+AUTO_MAPPING['transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts'] = TwinkleMoeExperts
 
 _swapped_classes: Dict[tuple, type] = {}
 
@@ -57,14 +82,22 @@ def kernelize(model: nn.Module, mapping: Optional[Dict[MappingKey, Any]] = None)
     return model
 
 
-def auto_mapping(model: nn.Module) -> Dict[type, Any]:
-    """The automatic replacements for the module classes ``model`` contains."""
-    found = {}
+def auto_mapping(model: nn.Module) -> Dict[MappingKey, Any]:
+    """The automatic replacements for the module classes ``model`` contains.
+
+    MLPs whose activation is not SiLU are left alone (the fused MLP computes SwiGLU)."""
+    found: Dict[MappingKey, Any] = {}
     for module in model.modules():
         cls = type(module)
         replacement = AUTO_MAPPING.get(f'{cls.__module__}.{cls.__qualname__}')
+        if replacement is TwinkleSwiGLUMLP and not is_silu(module.act_fn):
+            logger.info('kernelize: %s kept (activation %s is not SiLU)', cls.__name__, module.act_fn)
+            continue
         if replacement is not None:
             found[cls] = replacement
+            rope_path = f'{cls.__module__}.apply_rotary_pos_emb'
+            if rope_path in AUTO_FUNCTIONS:
+                found[rope_path] = AUTO_FUNCTIONS[rope_path]
     return found
 
 
@@ -97,13 +130,17 @@ def _replace_modules(model: nn.Module, cls: type, replacement: Any) -> None:
 
 
 def _combined_class(original: type, replacement: type) -> type:
-    """A subclass of both, replacement first: its forward wins, isinstance(original) still holds."""
+    """A subclass of both, replacement first: its forward wins, isinstance(original) still holds.
+
+    It keeps the original's name: Hugging Face writes ``type(model).__name__`` into the saved
+    config's ``architectures``, and a checkpoint must load without twinkle."""
     if issubclass(original, replacement):
         return original
     key = (original, replacement)
     if key not in _swapped_classes:
-        _swapped_classes[key] = type(f'{replacement.__name__}[{original.__name__}]',
-                                     (replacement, original), {'__module__': replacement.__module__})
+        _swapped_classes[key] = type(original.__name__, (replacement, original),
+                                     {'__module__': original.__module__, '__qualname__': original.__qualname__,
+                                      'twinkle_replacement': replacement})
     return _swapped_classes[key]
 
 

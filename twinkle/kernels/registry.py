@@ -74,7 +74,8 @@ def register(name: str, impls: Dict[str, Impl], priority: Dict[str, Sequence[str
         if unknown:
             raise ValueError(f'op {name!r}: priority for {device!r} names unknown backends {unknown}')
     _OPS[name] = Op(name, dict(impls), {d: list(p) for d, p in priority.items()})
-    _chosen.clear()
+    for key in [key for key in _chosen if key[0] == name]:
+        del _chosen[key]
 
 
 def ops() -> List[str]:

@@ -1,0 +1,85 @@
+"""The training loss of a Hugging Face causal LM through fused linear cross-entropy.
+
+Stock ``*ForCausalLM.forward`` builds the (batch, seq, vocab) logits and then their fp32 copy
+for the loss: with Qwen's 152k vocabulary that is the largest activation of a training step.
+``TwinkleCausalLMLoss`` runs the stock forward unchanged except that it asks for logits at no
+position, catches the decoder's last hidden states, and computes the loss from them and
+``lm_head.weight`` without logits. Model-specific extras of the stock forward (router aux loss
+of MoE models) are kept. Logits are still built when asked for (``skip_logits=False``), in eval
+mode, or when the head is not a plain ``nn.Linear`` (e.g. LoRA on lm_head).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twinkle.utils.logger import get_logger
+
+logger = get_logger(__name__)
+
+IGNORE_INDEX = -100  # what Hugging Face's causal-LM loss ignores
+
+
+class TwinkleCausalLMLoss(nn.Module):
+    """Mixed in front of a ``*ForCausalLM`` class by ``kernelize``; keeps its signature."""
+
+    def forward(self, *args, labels: Optional[torch.Tensor] = None, skip_logits: Optional[bool] = None,
+                **kwargs):
+        shift_labels = kwargs.pop('shift_labels', None)
+        wants_loss = labels is not None or shift_labels is not None
+        if skip_logits is None:
+            skip_logits = self.training and wants_loss
+        if not (skip_logits and wants_loss and self._head_is_fusable(kwargs)):
+            if shift_labels is not None:
+                kwargs['shift_labels'] = shift_labels
+            return super().forward(*args, labels=labels, **kwargs)
+
+        captured = {}
+
+        def keep_last_hidden(module, inputs, output):
+            captured['hidden'] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        no_position = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
+        handle = self.get_decoder().register_forward_hook(keep_last_hidden)
+        try:
+            outputs = super().forward(*args, labels=None, logits_to_keep=no_position, **kwargs)
+        finally:
+            handle.remove()
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        outputs.loss = self._fused_loss(captured['hidden'], shift_labels, kwargs.get('num_items_in_batch'))
+        aux_loss = getattr(outputs, 'aux_loss', None)
+        if aux_loss is not None:
+            outputs.loss = outputs.loss + self.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
+        outputs.logits = None
+        return outputs
+
+    def _fused_loss(self, hidden, shift_labels, num_items_in_batch):
+        from .fused_linear_cross_entropy import fused_linear_cross_entropy
+        reduction = 'mean' if num_items_in_batch is None else 'sum'
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # what autocast would have done to lm_head's matmul
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        loss = fused_linear_cross_entropy(
+            hidden, weight, shift_labels.to(hidden.device), bias=bias,
+            ignore_index=IGNORE_INDEX, reduction=reduction,
+            logit_softcap=getattr(self.config, 'final_logit_softcapping', None))
+        return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+    def _head_is_fusable(self, kwargs) -> bool:
+        if type(self.lm_head) is not nn.Linear:
+            if not getattr(self, '_twinkle_warned_head', False):
+                logger.warning('fused loss skipped: lm_head is %s, not nn.Linear; logits are built',
+                               type(self.lm_head).__name__)
+                self._twinkle_warned_head = True
+            return False
+        logits_to_keep = kwargs.get('logits_to_keep', 0)
+        return isinstance(logits_to_keep, int) and logits_to_keep == 0
