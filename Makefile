@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# NPROC=2 runs the same job under torchrun (gloo on CPU, nccl/hccl on accelerators) with FSDP2.
+NPROC      ?= 1
+LAUNCH     := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
+
 train: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/train.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/train.py
 
 # pytest exits 5 when it collects no test: make fails then, as it does on any failure.
 test: setup

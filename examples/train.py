@@ -1,12 +1,15 @@
 """The main job: LoRA finetune of the embedded tiny Qwen3 on the self-cognition data, offline.
+One process, or under torchrun (`make train NPROC=2`) with FSDP2 over all ranks.
 
 The seeds' training API end to end (Dataset -> Template -> DataLoader -> TransformersModel with a
 LoRA adapter, AdamW, cosine warm-up), kernels chosen at load, a progress bar with loss and
 tokens/s, a final summary (kernels, peak memory) and a checkpoint that plain peft loads.
 """
 import argparse
+import os
 import time
 
+import torch
 from peft import LoraConfig
 from tqdm import tqdm
 
@@ -29,6 +32,15 @@ def parse_args():
     return parser.parse_args()
 
 
+def peak_memory_per_rank(device) -> list:
+    peak = device.peak_memory()
+    if not torch.distributed.is_initialized():
+        return [peak]
+    peaks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(peaks, peak)
+    return peaks
+
+
 def main():
     args = parse_args()
     device = twinkle.initialize(seed=42)
@@ -47,7 +59,7 @@ def main():
 
     device.reset_peak_memory()
     started, history = time.perf_counter(), []
-    with tqdm(total=total_steps, desc='train', unit='step') as progress:
+    with tqdm(total=total_steps, desc='train', unit='step', disable=int(os.environ.get('RANK', 0)) != 0) as progress:
         for _ in range(args.epochs):
             for batch in dataloader:
                 model.forward_backward(inputs=batch)
@@ -58,11 +70,14 @@ def main():
                 progress.update()
     elapsed = time.perf_counter() - started
     path = model.save(args.output)
-
+    peaks = peak_memory_per_rank(device)
+    if int(os.environ.get('RANK', 0)) != 0:
+        return
     configs = model.get_train_configs()
     print(f'\nloss: first {history[0]:.3f} -> last {history[-1]:.3f} over {len(history)} steps '
           f'({elapsed:.1f} s, device {device.type}, precision {configs["precision"]})')
-    print(f'peak memory: {device.peak_memory() / 2**20:.0f} MiB (process high-water mark)')
+    print('peak memory per rank: ' + ', '.join(f'{peak / 2**20:.0f} MiB' for peak in peaks)
+          + (' (process high-water mark)' if device.type == 'cpu' else ''))
     print('kernels:')
     for op, choice in configs['kernels'].items():
         print(f'  {op:<28} {choice}')
