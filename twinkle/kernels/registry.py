@@ -156,6 +156,19 @@ def triton_check(target: Backend) -> Optional[str]:
     return None
 
 
+# The backends most ops declare alike (an op's backend module is named like its backend).
+REFERENCE = Impl('reference')
+TRITON = Impl('triton', packages=('triton',), extra='triton', check=triton_check)
+LIGER = Impl('liger', packages=('liger_kernel', 'triton'), extra='liger', check=triton_check)
+NPU = Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu')
+DEFAULT_PRIORITY = {
+    'cuda': ['triton', 'liger', 'reference'],
+    'npu': ['npu', 'reference'],
+    'cpu': ['cpu', 'reference'],
+    ANY_DEVICE: ['reference'],
+}
+
+
 # -- internals ------------------------------------------------------------------------------
 
 def _op(name: str) -> Op:

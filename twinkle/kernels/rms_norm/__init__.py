@@ -13,18 +13,14 @@ from ..registry import Impl
 registry.register(
     'rms_norm',
     impls={
-        'reference': Impl('reference'),
+        'reference': registry.REFERENCE,
         'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
-        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
+        'triton': registry.TRITON,
+        # Liger's RMSNorm kernel does not run in the Triton interpreter: GPUs only.
         'liger': Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel',), extra='liger'),
-        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+        'npu': registry.NPU,
     },
-    priority={
-        'cuda': ['triton', 'liger', 'reference'],
-        'npu': ['npu', 'reference'],
-        'cpu': ['cpu', 'reference'],
-        '*': ['reference'],
-    },
+    priority=registry.DEFAULT_PRIORITY,
 )
 
 

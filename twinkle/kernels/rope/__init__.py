@@ -17,18 +17,13 @@ from ..registry import Impl
 registry.register(
     'rope',
     impls={
-        'reference': Impl('reference'),
+        'reference': registry.REFERENCE,
         'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
-        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
-        'liger': Impl('liger', packages=('liger_kernel', 'triton'), extra='liger', check=registry.triton_check),
-        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+        'triton': registry.TRITON,
+        'liger': registry.LIGER,
+        'npu': registry.NPU,
     },
-    priority={
-        'cuda': ['triton', 'liger', 'reference'],
-        'npu': ['npu', 'reference'],
-        'cpu': ['cpu', 'reference'],
-        '*': ['reference'],
-    },
+    priority=registry.DEFAULT_PRIORITY,
 )
 
 # unsqueeze_dim -> where q's heads and sequence sit (HF: 1 for (B, H, T, D), 2 for (B, T, H, D))
