@@ -11,43 +11,37 @@ OPTIMIZERS = {name: getattr(torch.optim, name) for name in
               ('AdamW', 'Adam', 'SGD', 'Adafactor', 'Adagrad', 'RMSprop') if hasattr(torch.optim, name)}
 
 
-def _warmup(step: int, num_warmup_steps: int) -> float:
-    return (step + 1) / (num_warmup_steps + 1)
+def _warmup_then_decay(optimizer, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float,
+                       decay: Callable[[float], float]) -> LambdaLR:
+    """Linear warm-up over ``num_warmup_steps``, then ``decay(progress)`` from 1 to 0 scaled onto
+    [min_lr_ratio, 1] of the learning rate."""
+    if num_warmup_steps < 0 or num_training_steps < 1:
+        raise ValueError(f'need num_warmup_steps >= 0 and num_training_steps >= 1, '
+                         f'got {num_warmup_steps} and {num_training_steps}')
+
+    def factor(step: int) -> float:
+        if step < num_warmup_steps:
+            return (step + 1) / (num_warmup_steps + 1)
+        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * decay(progress)
+    return LambdaLR(optimizer, factor)
 
 
 def CosineWarmupScheduler(optimizer, num_warmup_steps: int = 0, num_training_steps: int = 1,
                           min_lr_ratio: float = 0.0) -> LambdaLR:
-    """Linear warm-up over ``num_warmup_steps``, then cosine decay to ``min_lr_ratio`` x lr."""
-    _check_steps(num_warmup_steps, num_training_steps)
-
-    def factor(step: int) -> float:
-        if step < num_warmup_steps:
-            return _warmup(step, num_warmup_steps)
-        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return LambdaLR(optimizer, factor)
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at ``num_training_steps``."""
+    return _warmup_then_decay(optimizer, num_warmup_steps, num_training_steps, min_lr_ratio,
+                              lambda progress: 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def LinearWarmupScheduler(optimizer, num_warmup_steps: int = 0, num_training_steps: int = 1,
                           min_lr_ratio: float = 0.0) -> LambdaLR:
     """Linear warm-up, then linear decay to ``min_lr_ratio`` x lr at ``num_training_steps``."""
-    _check_steps(num_warmup_steps, num_training_steps)
-
-    def factor(step: int) -> float:
-        if step < num_warmup_steps:
-            return _warmup(step, num_warmup_steps)
-        progress = min(1.0, (step - num_warmup_steps) / max(1, num_training_steps - num_warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
-    return LambdaLR(optimizer, factor)
+    return _warmup_then_decay(optimizer, num_warmup_steps, num_training_steps, min_lr_ratio,
+                              lambda progress: 1 - progress)
 
 
 SCHEDULERS = {'CosineWarmupScheduler': CosineWarmupScheduler, 'LinearWarmupScheduler': LinearWarmupScheduler}
-
-
-def _check_steps(num_warmup_steps: int, num_training_steps: int) -> None:
-    if num_warmup_steps < 0 or num_training_steps < 1:
-        raise ValueError(f'need num_warmup_steps >= 0 and num_training_steps >= 1, '
-                         f'got {num_warmup_steps} and {num_training_steps}')
 
 
 def build_optimizer(optimizer_cls: Union[str, type, torch.optim.Optimizer], params: Iterable, **kwargs: Any):
