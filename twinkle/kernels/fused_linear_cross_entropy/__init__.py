@@ -1,0 +1,89 @@
+"""Fused linear cross-entropy: the LM head and its loss without the N x V logits."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import registry
+from ..checks import require_same_device, require_size, require_tensor
+from ..registry import Impl
+
+REDUCTIONS = ('mean', 'sum', 'none')
+
+registry.register(
+    'fused_linear_cross_entropy',
+    impls={
+        'reference': Impl('reference'),
+        'cpu': Impl('cpu', devices=('cpu',)),
+        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
+        'liger': Impl('liger', packages=('liger_kernel', 'triton'), extra='liger', check=registry.triton_check),
+        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+    },
+    priority={
+        'cuda': ['triton', 'liger', 'reference'],
+        'npu': ['npu', 'reference'],
+        'cpu': ['cpu', 'reference'],
+        '*': ['reference'],
+    },
+)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                               reduction: str = 'mean', label_smoothing: float = 0.0,
+                               logit_softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                               backend: Optional[str] = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, never holding all the logits.
+
+    hidden (..., H), weight (V, H), bias (V,), labels (...) integer in [0, V) or ``ignore_index``.
+    ``label_smoothing`` follows ``F.cross_entropy``; ``logit_softcap`` caps the logits as
+    ``softcap * tanh(logits / softcap)`` before the softmax (Gemma-2). 'mean' divides by the
+    number of counted tokens (0 when none count); 'none' returns labels' shape with 0 at
+    ignored tokens. The loss is fp32 whatever the input dtype. ``chunk_size`` (tokens per
+    chunk) overrides the backend's memory-bounded choice.
+    """
+    require_tensor('hidden', hidden, floating=True, min_dims=1)
+    require_tensor('weight', weight, floating=True, dims=(2,))
+    require_size('weight', weight.shape[1], hidden.shape[-1], 'dim 1 (hidden size) equal to the last dim of hidden,')
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f'weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}')
+    require_tensor('labels', labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f'labels must be an integer tensor, got dtype {labels.dtype}')
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f'labels must have the shape of hidden without its last dim, '
+                         f'{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}')
+    if bias is not None:
+        require_tensor('bias', bias, floating=True, dims=(1,))
+        require_size('bias', bias.shape[0], weight.shape[0], 'length equal to the vocabulary size (dim 0 of weight),')
+    require_same_device('hidden', hidden, weight=weight, labels=labels, bias=bias)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f'ignore_index must be an int, got {ignore_index!r}')
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}')
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f'label_smoothing must be in [0, 1], got {label_smoothing}')
+    if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0
+                                          and math.isfinite(logit_softcap)):
+        raise ValueError(f'logit_softcap must be None or a finite number > 0, got {logit_softcap}')
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f'chunk_size must be None or a positive int, got {chunk_size!r}')
+    flat_labels = labels.reshape(-1).long()
+    _require_labels_in_range(flat_labels, weight.shape[0], ignore_index)
+    loss = registry.resolve('fused_linear_cross_entropy', backend, hidden.device)(
+        hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, bias, ignore_index, reduction,
+        float(label_smoothing), None if logit_softcap is None else float(logit_softcap), chunk_size)
+    return loss.view(labels.shape) if reduction == 'none' else loss
+
+
+def _require_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        raise ValueError(f'labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; '
+                         f'found {labels[bad][0].item()}')
+
+
+__all__ = ['fused_linear_cross_entropy']
