@@ -1,0 +1,87 @@
+"""SwiGLU expert MLPs over contiguous row groups (the expert half of an MoE layer).
+
+    expert_out = grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj)
+
+Rows of expert e (after those of experts < e): ``down_proj[e] @ (silu(g) * u)`` with
+``[g; u] = gate_up_proj[e] @ x``. That is Qwen3-MoE's fused layout: ``gate_up_proj`` (E, 2I, H)
+holds the gate rows then the up rows, ``down_proj`` is (E, H, I). Every row is computed by
+exactly its expert: no per-token masks and no work for experts without tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import registry
+from ..checks import require_same_device, require_size, require_tensor
+from ..moe_permute import require_integer
+from ..registry import Impl
+
+
+def grouped_mm_check(target) -> Optional[str]:
+    """``torch._grouped_mm`` exists (torch >= 2.8) and, on CUDA, the GPU is sm80+."""
+    if not hasattr(torch, '_grouped_mm'):
+        return f'torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.9)'
+    if target.type == 'cuda':
+        if not torch.cuda.is_available():
+            return 'no CUDA GPU visible to torch'
+        if target.compute_capability < (8, 0):
+            return f'torch._grouped_mm needs an sm80+ GPU, this one is sm{"".join(map(str, target.compute_capability))}'
+    return None
+
+
+registry.register(
+    'grouped_experts',
+    impls={
+        'reference': Impl('reference'),
+        'cpu': Impl('cpu', devices=('cpu',)),
+        'grouped_mm': Impl('grouped_mm', devices=('cpu', 'cuda'), check=grouped_mm_check),
+        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
+        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+    },
+    priority={
+        'cuda': ['grouped_mm', 'triton', 'reference'],
+        'npu': ['npu', 'reference'],
+        'cpu': ['cpu', 'grouped_mm', 'reference'],
+        '*': ['reference'],
+    },
+)
+
+
+def grouped_experts(permuted: torch.Tensor, tokens_per_expert: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``permuted`` (rows, H) grouped by expert, ``tokens_per_expert`` (E,) -> (rows, H).
+    Differentiable in ``permuted``, ``gate_up_proj`` and ``down_proj``."""
+    require_tensor('permuted', permuted, floating=True, dims=(2,))
+    require_tensor('tokens_per_expert', tokens_per_expert, dims=(1,))
+    require_integer('tokens_per_expert', tokens_per_expert)
+    require_tensor('gate_up_proj', gate_up_proj, floating=True, dims=(3,))
+    require_tensor('down_proj', down_proj, floating=True, dims=(3,))
+    experts, double_intermediate, hidden = gate_up_proj.shape
+    if double_intermediate % 2:
+        raise ValueError(f'gate_up_proj: dim 1 must hold the gate rows then the up rows (an even size), '
+                         f'got shape {tuple(gate_up_proj.shape)}')
+    require_size('gate_up_proj', hidden, permuted.shape[1], 'dim 2 equal to the hidden size of permuted,')
+    expected_down = (experts, hidden, double_intermediate // 2)
+    if tuple(down_proj.shape) != expected_down:
+        raise ValueError(f'down_proj must have shape (experts, hidden, intermediate) = {expected_down}, '
+                         f'got {tuple(down_proj.shape)}')
+    require_size('tokens_per_expert', tokens_per_expert.shape[0], experts, 'length equal to the experts of gate_up_proj,')
+    for name, weight in (('gate_up_proj', gate_up_proj), ('down_proj', down_proj)):
+        if weight.dtype != permuted.dtype:
+            raise ValueError(f'{name} must have the dtype of permuted ({permuted.dtype}), got {weight.dtype}')
+    require_same_device('permuted', permuted, tokens_per_expert=tokens_per_expert, gate_up_proj=gate_up_proj,
+                        down_proj=down_proj)
+    if experts and int(tokens_per_expert.min()) < 0:
+        raise ValueError('tokens_per_expert must not be negative')
+    total = int(tokens_per_expert.sum())
+    if total != permuted.shape[0]:
+        raise ValueError(f'tokens_per_expert must sum to the rows of permuted ({permuted.shape[0]}), got {total}')
+    return registry.resolve('grouped_experts', backend, permuted.device)(
+        permuted, tokens_per_expert, gate_up_proj, down_proj)
+
+
+from .module import TwinkleMoeExperts  # noqa: E402  (the module wraps the ops above)
+
+__all__ = ['grouped_experts', 'TwinkleMoeExperts']

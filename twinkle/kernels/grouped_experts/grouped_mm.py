@@ -1,0 +1,37 @@
+"""Grouped SwiGLU experts through ``torch._grouped_mm`` (CUTLASS on sm80+ GPUs, a GEMM loop on CPU).
+
+The kernel wants 16-byte aligned strides, so the hidden and intermediate sizes must be multiples
+of 16 bytes' worth of elements (4 in fp32, 8 in bf16/fp16); real models' are. It returns fresh
+tensors, so writing into a slice of a gradient or adding to one costs a copy.
+"""
+import torch
+
+from .function import grouped_swiglu_experts, into
+
+ALIGNMENT_BYTES = 16
+
+
+class TorchGroupedGemm:
+    @staticmethod
+    def groups(tokens_per_expert):
+        return torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+
+    @staticmethod
+    def rows(a, b, offsets, out=None, accumulate=False):
+        return into(torch._grouped_mm(a, b, offs=offsets), out, accumulate)
+
+    @staticmethod
+    def per_group(a, b, offsets, out=None):
+        return into(torch._grouped_mm(a.t(), b, offs=offsets), out, accumulate=False)
+
+
+_grouped_experts = grouped_swiglu_experts(TorchGroupedGemm())
+
+
+def grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj):
+    for dim in down_proj.shape[1:]:
+        if dim * permuted.element_size() % ALIGNMENT_BYTES:
+            raise ValueError(f'the grouped_mm backend needs hidden and intermediate sizes that are multiples of '
+                             f'{ALIGNMENT_BYTES} bytes; got {tuple(down_proj.shape[1:])} in {permuted.dtype}. '
+                             f'Use backend="cpu" or "reference"')
+    return _grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj)

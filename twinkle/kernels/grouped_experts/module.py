@@ -1,0 +1,59 @@
+"""The experts of an MoE block as an nn.Module that takes over Hugging Face's fused 3-D experts
+(``Qwen3MoeExperts``) in place: dispatch, grouped SwiGLU experts and combine through twinkle's ops.
+
+It keeps HF's names (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I), ``num_experts``,
+``act_fn``) and HF's call ``experts(hidden_states, top_k_index, top_k_weights)``, so ``kernelize``
+swaps the class of a loaded model's experts without touching its state dict, and the block around
+it (router, router logits, aux loss) stays HF's own.
+
+Why the experts and not the whole sparse block: peft's LoRA on expert parameters
+(``target_parameters``) wraps this module and applies the adapter while the module is being
+called, through a parametrization of ``gate_up_proj`` / ``down_proj``. Reading the parameters
+through ``self`` inside ``forward`` is what makes the LoRA delta part of the computation; a block
+that read ``block.experts.gate_up_proj`` itself would silently bypass it.
+"""
+import torch
+from torch import nn
+
+from ..moe_permute import moe_permute
+from ..moe_unpermute import moe_unpermute
+from ..swiglu.module import is_silu
+from . import grouped_experts
+
+# The layout flags HF's experts carry (use_experts_implementation), as this module computes them.
+SWIGLU_LAYOUT = {'has_gate': True, 'has_bias': False, 'is_transposed': False, 'is_concatenated': True,
+                 'has_post_expert_norm': False}
+
+
+class TwinkleMoeExperts(nn.Module):
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Like HF's grouped_mm experts, the experts run in the parameters' dtype (under autocast the
+        input may differ) and the result has the input's dtype."""
+        self._require_swiglu_layout()
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj  # through self: where peft's LoRA applies
+        permuted, tokens_per_expert, row_map = moe_permute(hidden_states.to(gate_up_proj.dtype), top_k_index,
+                                                           self.num_experts)
+        expert_out = grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj)
+        return moe_unpermute(expert_out, row_map, top_k_weights).to(hidden_states.dtype)
+
+    def _require_swiglu_layout(self) -> None:
+        """HF experts built with another activation, biases or a transposed / interleaved layout
+        compute something else: refuse rather than silently compute SwiGLU."""
+        unsupported = [f'{name}={getattr(self, name)}' for name, expected in SWIGLU_LAYOUT.items()
+                       if getattr(self, name, expected) != expected]
+        if not is_silu(self.act_fn):
+            unsupported.append(f'act_fn={self.act_fn!r}')
+        if unsupported:
+            raise ValueError(f'{type(self).__name__} computes SwiGLU experts with [gate; up] concatenated and no '
+                             f'bias; these experts have {", ".join(unsupported)}: do not replace them')

@@ -1,0 +1,11 @@
+"""MoE dispatch in plain PyTorch: the oracle of the tests and the fallback on every device."""
+import torch
+
+
+def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    slot_of_row = torch.argsort(flat_ids, stable=True)  # row r holds choice slot t * k + j
+    row_map = torch.argsort(slot_of_row).view(topk_ids.shape)
+    tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
+    return hidden[slot_of_row // top_k], tokens_per_expert, row_map
