@@ -177,7 +177,8 @@ def fake_torch_npu(monkeypatch, fresh_registry):
     module.calls = []
 
     def npu_moe_token_permute(tokens, indices, num_out_tokens=None, padded_mode=False):
-        """Documented: sorted_indices[slot] = argsort(argsort(flat indices)); out[sorted_indices[i]] = tokens[i // k]."""
+        """Documented: sorted_indices = argsort(argsort(flat indices)), the row of each choice slot;
+        out[sorted_indices[i]] = tokens[i // k]."""
         module.calls.append(('permute', indices.dtype))
         flat = indices.reshape(-1).long()
         sorted_indices = torch.argsort(torch.argsort(flat, stable=True))
@@ -268,9 +269,13 @@ def test_selection_per_device(fresh_registry, monkeypatch):
     assert 'sm80+ GPU, this one is sm75' in choice.reason
 
 
-def test_grouped_mm_needs_torch_grouped_mm(fresh_registry, monkeypatch):
-    monkeypatch.delattr(torch, '_grouped_mm')
-    assert 'torch._grouped_mm' in registry.unavailable_reason('grouped_experts', 'grouped_mm', 'cpu')
+@pytest.mark.parametrize('change', ['no _grouped_mm', 'torch 2.8'])
+def test_grouped_mm_needs_torch_2_9(fresh_registry, monkeypatch, change):
+    if change == 'no _grouped_mm':
+        monkeypatch.delattr(torch, '_grouped_mm')
+    else:
+        monkeypatch.setattr(torch, '__version__', '2.8.0+cpu')  # _grouped_mm exists but has no CPU kernel
+    assert 'needs torch >= 2.9' in registry.unavailable_reason('grouped_experts', 'grouped_mm', 'cpu')
     assert kernels.select('grouped_experts', 'cpu').backend == 'cpu'
 
 

@@ -20,9 +20,10 @@ from ..registry import Impl
 
 
 def grouped_mm_check(target) -> Optional[str]:
-    """``torch._grouped_mm`` exists (torch >= 2.8) and, on CUDA, the GPU is sm80+."""
-    if not hasattr(torch, '_grouped_mm'):
-        return f'torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.9)'
+    """``torch._grouped_mm`` runs here: torch >= 2.9 (the first with a CPU kernel and sm80 support)
+    and, on CUDA, an sm80+ GPU."""
+    if not hasattr(torch, '_grouped_mm') or torch.torch_version.TorchVersion(torch.__version__) < '2.9':
+        return f'torch._grouped_mm needs torch >= 2.9, this is {torch.__version__}'
     if target.type == 'cuda':
         if not torch.cuda.is_available():
             return 'no CUDA GPU visible to torch'
@@ -67,7 +68,8 @@ def grouped_experts(permuted: torch.Tensor, tokens_per_expert: torch.Tensor, gat
     if tuple(down_proj.shape) != expected_down:
         raise ValueError(f'down_proj must have shape (experts, hidden, intermediate) = {expected_down}, '
                          f'got {tuple(down_proj.shape)}')
-    require_size('tokens_per_expert', tokens_per_expert.shape[0], experts, 'length equal to the experts of gate_up_proj,')
+    require_size('tokens_per_expert', tokens_per_expert.shape[0], experts,
+                 'length equal to the experts of gate_up_proj,')
     for name, weight in (('gate_up_proj', gate_up_proj), ('down_proj', down_proj)):
         if weight.dtype != permuted.dtype:
             raise ValueError(f'{name} must have the dtype of permuted ({permuted.dtype}), got {weight.dtype}')

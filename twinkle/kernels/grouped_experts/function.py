@@ -2,14 +2,13 @@
 supplies its grouped GEMM (a ``GroupedGemm``: BLAS per expert, ``torch._grouped_mm``, Triton,
 ``npu_grouped_matmul``).
 
-Two Functions, so that autograd frees each one's saved tensors and incoming gradient as soon as
-its backward is done:
-- ``GroupedGateUp``: x -> (gate, up), per group, into two contiguous (rows, I) buffers. Saves x.
-  Backward: dW_gate_up = [dgate; dup]^T x, dx = dgate W_gate + dup W_up.
-- ``GroupedSwiGLUDown``: (gate, up) -> down(swiglu(gate, up)). Saves gate and up but not the
-  activation, which backward recomputes with twinkle's (fused) swiglu: one elementwise pass
-  instead of a (rows, I) tensor kept alive. Backward: dh = dy W_down, dW_down = dy^T h,
-  (dgate, dup) = swiglu backward.
+Autograd sees three nodes, so that it frees each one's saved tensors and incoming gradient as soon
+as that node's backward is done (one Function for everything would hold the expert output's
+gradient until the end, 128 MiB more at the benchmark shape):
+- ``GroupedGateUp``: x -> (gate, up), per group, into two contiguous (rows, I) buffers; saves x.
+  Backward: dW_gate_up = [dgate; dup]^T x, dx = dgate W_gate + dup W_up (no concatenation).
+- ``swiglu(gate, up)``: twinkle's op (fused where the device has a kernel).
+- ``GroupedDown``: h -> h W_down^T per group; saves h. Backward: dh = dy W_down, dW_down = dy^T h.
 """
 from __future__ import annotations
 
@@ -64,25 +63,21 @@ class GroupedGateUp(torch.autograd.Function):
         return grad_input, grad_gate_up, None, None
 
 
-class GroupedSwiGLUDown(torch.autograd.Function):
+class GroupedDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, down_proj, gemm, groups):
-        ctx.save_for_backward(gate, up, down_proj)
+    def forward(ctx, hidden, down_proj, gemm, groups):
+        ctx.save_for_backward(hidden, down_proj)
         ctx.gemm, ctx.groups = gemm, groups
-        return gemm.rows(swiglu(gate, up), down_proj.transpose(1, 2), groups)
+        return gemm.rows(hidden, down_proj.transpose(1, 2), groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, down_proj = ctx.saved_tensors
+        hidden, down_proj = ctx.saved_tensors
         gemm, groups = ctx.gemm, ctx.groups
         grad_out = grad_out.contiguous()
-        grad_h = gemm.rows(grad_out, down_proj, groups)
-        with torch.enable_grad():
-            gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-            h = swiglu(gate, up)
-        grad_down = gemm.per_group(grad_out, h.detach(), groups) if ctx.needs_input_grad[2] else None
-        grad_gate, grad_up = torch.autograd.grad(h, (gate, up), grad_h)
-        return grad_gate, grad_up, grad_down, None, None
+        grad_hidden = gemm.rows(grad_out, down_proj, groups) if ctx.needs_input_grad[0] else None
+        grad_down = gemm.per_group(grad_out, hidden, groups) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_down, None, None
 
 
 def into(result: torch.Tensor, out: Optional[torch.Tensor], accumulate: bool = False) -> torch.Tensor:
@@ -97,5 +92,5 @@ def grouped_swiglu_experts(gemm: GroupedGemm):
     def grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj):
         groups = gemm.groups(tokens_per_expert)
         gate, up = GroupedGateUp.apply(permuted, gate_up_proj, gemm, groups)
-        return GroupedSwiGLUDown.apply(gate, up, down_proj, gemm, groups)
+        return GroupedDown.apply(swiglu(gate, up), down_proj, gemm, groups)
     return grouped_experts
