@@ -15,18 +15,13 @@ REDUCTIONS = ('mean', 'sum', 'none')
 registry.register(
     'fused_linear_cross_entropy',
     impls={
-        'reference': Impl('reference'),
+        'reference': registry.REFERENCE,
         'cpu': Impl('cpu', devices=('cpu',)),
-        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
-        'liger': Impl('liger', packages=('liger_kernel', 'triton'), extra='liger', check=registry.triton_check),
-        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+        'triton': registry.TRITON,
+        'liger': registry.LIGER,
+        'npu': registry.NPU,
     },
-    priority={
-        'cuda': ['triton', 'liger', 'reference'],
-        'npu': ['npu', 'reference'],
-        'cpu': ['cpu', 'reference'],
-        '*': ['reference'],
-    },
+    priority=registry.DEFAULT_PRIORITY,
 )
 
 

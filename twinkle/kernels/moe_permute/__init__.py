@@ -19,17 +19,12 @@ from ..registry import Impl
 registry.register(
     'moe_permute',
     impls={
-        'reference': Impl('reference'),
+        'reference': registry.REFERENCE,
         'cpu': Impl('cpu', devices=('cpu',)),
-        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
-        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
+        'triton': registry.TRITON,
+        'npu': registry.NPU,
     },
-    priority={
-        'cuda': ['triton', 'reference'],
-        'npu': ['npu', 'reference'],
-        'cpu': ['cpu', 'reference'],
-        '*': ['reference'],
-    },
+    priority={**registry.DEFAULT_PRIORITY, 'cuda': ['triton', 'reference']},
 )
 
 
