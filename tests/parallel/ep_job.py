@@ -125,14 +125,15 @@ def main(out: str) -> None:
     dist.destroy_process_group()  # without it, exiting waits tens of seconds on gloo's teardown
 
 
-def launch(nproc: int, out: Path, timeout: float = 300) -> List[dict]:
+def launch(nproc: int, out: Path, job: str = 'tests.parallel.ep_job', timeout: float = 600) -> List[dict]:
+    """Run ``job`` (a module with ``main(out)``) on ``nproc`` ranks; returns each rank's saved results."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-               '-m', 'tests.parallel.ep_job', str(out)]
+               '-m', job, str(out)]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TWINKLE_LOG_LEVEL': 'WARNING', 'TWINKLE_DEVICE': 'cpu'}
     env.pop('TRITON_INTERPRET', None)  # the job runs CPU kernels; under the interpreter its first call takes ~45 s
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise AssertionError(f'ep_job on {nproc} ranks failed ({done.returncode}):\n{done.stderr[-4000:]}')
+        raise AssertionError(f'{job} on {nproc} ranks failed ({done.returncode}):\n{done.stderr[-4000:]}')
     return [torch.load(out / f'rank{rank}.pt') for rank in range(nproc)]
 
 

@@ -27,6 +27,7 @@ from twinkle.utils.io import atomic_directory
 from twinkle.utils.logger import get_logger
 
 from .collectives import collective
+from .expert_parallel import expert_local_keys, full_expert_state_dict
 
 logger = get_logger(__name__)
 
@@ -45,6 +46,9 @@ def save_full_state_dict(model: nn.Module, path: str, *, safe_serialization: boo
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_peft)
     with collective('save_full_state_dict'):
         state_dict = get_model_state_dict(model, options=options)
+        experts = full_expert_state_dict(model, trainable_only=is_peft)  # EP slices -> all experts
+        if _rank() == 0:
+            state_dict.update(experts)
         tensors = len(state_dict)  # save_pretrained may empty the dict
         if _rank() == 0:
             with atomic_directory(path) as staging:
@@ -73,6 +77,7 @@ def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Op
     with collective('load_sharded'):
         state = _training_state(model, optimizer)
         load(state, checkpoint_id=path)
+        state = _renamed(state, {tagged: name for name, tagged in expert_local_keys(model).items()})
         set_model_state_dict(model, state['model'])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state['optimizer'])
@@ -103,12 +108,30 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _training_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
-    """This rank's sharded model (and optimizer) state, keyed by parameter names, as DCP wants it."""
+    """This rank's sharded model (and optimizer) state, keyed by parameter names, as DCP wants it.
+
+    DCP takes equal keys on different ranks for pieces of one tensor; expert-parallel slices are
+    different tensors under one name, so they are stored under a key per EP rank."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     state = {'model': get_model_state_dict(model)}
     if optimizer is not None:
         state['optimizer'] = get_optimizer_state_dict(model, optimizer)
-    return state
+    return _renamed(state, expert_local_keys(model))
+
+
+def _renamed(state: Dict[str, Any], names: Dict[str, str]) -> Dict[str, Any]:
+    """``state`` with the parameter names in ``names`` replaced (model keys, optimizer state keys
+    and the optimizer's param-group lists)."""
+    if not names:
+        return state
+    renamed = {'model': {names.get(key, key): value for key, value in state['model'].items()}}
+    if 'optimizer' in state:
+        optimizer = state['optimizer']
+        groups = [{**group, 'params': [names.get(key, key) for key in group['params']]}
+                  for group in optimizer['param_groups']]
+        renamed['optimizer'] = {'state': {names.get(key, key): value for key, value in optimizer['state'].items()},
+                                'param_groups': groups}
+    return renamed
 
 
 @contextlib.contextmanager

@@ -5,6 +5,13 @@ freed after), then the root takes what is left (embeddings, final norm, head). T
 the flavour: fsdp > 1 shards over fsdp; dp > 1 as well gives HSDP (shard within an fsdp group,
 replicate across dp); dp alone replicates. Gradients come out SUMMED over data ranks (see
 ``twinkle.parallel.gradients`` for the token normalisation that follows).
+
+With expert parallelism (ep > 1, ``apply_expert_parallel`` done first) the ep ranks are data ranks
+too. Non-expert parameters are the same everywhere and shard over all data ranks (fsdp x ep);
+each rank's experts exist only on the ranks with the same ep index, so every expert unit (the
+experts module with its peft wrappers) is its own FSDP unit sharded over fsdp alone, the
+EP-complement. Its gradients then sum over those ranks, which together saw every token routed to
+these experts (the dispatch's backward already brought them from the other ep ranks).
 """
 from __future__ import annotations
 
@@ -17,12 +24,13 @@ from torch import nn
 from twinkle import backends
 from twinkle.utils.logger import get_logger
 
+from .expert_parallel import expert_parallel_units, mark_expert_local
 from .mesh import DeviceMesh
 
 logger = get_logger(__name__)
 
 _LATER = {'tp': 'Megatron (MegatronModel)', 'pp': 'Megatron (MegatronModel)', 'cp': 'context parallelism',
-          'ulysses': 'Ulysses sequence parallelism', 'ep': 'expert parallelism (MoE)'}
+          'ulysses': 'Ulysses sequence parallelism'}
 _DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
            'fp32': torch.float32, 'float32': torch.float32}
 
@@ -39,7 +47,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
         raise ValueError(f'mesh must be a twinkle DeviceMesh, got {type(mesh).__name__}')
     for dim, feature in _LATER.items():
         if mesh.size(dim) > 1:
-            raise NotImplementedError(f'{dim}_size={mesh.size(dim)}: parallelize handles dp and fsdp only; '
+            raise NotImplementedError(f'{dim}_size={mesh.size(dim)}: parallelize handles dp, fsdp and ep only; '
                                       f'{feature} is not available here yet')
     param_dtype = _param_dtype(mixed_precision)
     if mesh.data_world_size == 1:
@@ -50,10 +58,18 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
                            f'and call twinkle.initialize(global_device_mesh=mesh) first')
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # slow import: on use
 
-    torch_mesh = mesh.to_torch()
-    shard_mesh = torch_mesh[('dp', 'fsdp')] if mesh.size('dp') > 1 else torch_mesh['fsdp']
     policy = (MixedPrecisionPolicy() if param_dtype is None
               else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    expert_units = expert_parallel_units(model)
+    if mesh.size('ep') > 1 and not expert_units:
+        raise ValueError(f'mesh has ep_size={mesh.size("ep")} but the model has no expert-parallel experts: '
+                         f'call apply_expert_parallel(model, mesh) before parallelize')
+    if expert_units:
+        expert_mesh = _shard_mesh(mesh, ('fsdp',))
+        for unit, group in expert_units:
+            fully_shard(unit, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+            mark_expert_local(unit, group)
+    shard_mesh = _shard_mesh(mesh, ('fsdp', 'ep') if mesh.size('ep') > 1 else ('fsdp',))
     layers = decoder_layers(model)
     layer_class = type(layers[0]).__name__
     for layer in layers:
@@ -65,9 +81,22 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
             module.set_force_sum_reduction_for_comms(True)
     flavour = ('HSDP: replicate over dp, shard over fsdp' if mesh.size('dp') > 1 and mesh.size('fsdp') > 1
                else 'replicate over dp' if mesh.size('dp') > 1 else 'shard over fsdp')
+    if expert_units:
+        flavour += f'; {len(expert_units)} expert units over the EP-complement (fsdp={mesh.size("fsdp")})'
     logger.info('parallelize: FSDP2 over %s (%s), %d x %s + root, compute dtype %s', mesh.describe_sizes(),
                 flavour, len(layers), layer_class, param_dtype or 'as stored')
     return model
+
+
+def _shard_mesh(mesh: DeviceMesh, shard_dims):
+    """The torch mesh FSDP shards over: ``shard_dims`` flattened into one dim, with dp in front
+    (HSDP: replicate over dp) when dp > 1."""
+    torch_mesh = mesh.to_torch()
+    present = tuple(dim for dim in shard_dims if dim in mesh.dims)
+    name = '_'.join(present)
+    if len(present) > 1:
+        torch_mesh[present]._flatten(name)
+    return torch_mesh[('dp', name)] if mesh.size('dp') > 1 else torch_mesh[name]
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:

@@ -7,9 +7,14 @@ then gives exactly the single-process mean-token loss gradient, however unevenly
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
+import math
+from typing import Dict, Iterable, Union
 
 import torch
+import torch.distributed as dist
+
+from .collectives import collective
+from .expert_parallel import expert_parallel_group
 
 Parameters = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -29,17 +34,41 @@ def clip_grad_norm_(parameters: Parameters, max_norm: float, norm_type: float = 
     """Clip gradients to ``max_norm`` by their total norm over ALL shards; returns that norm.
 
     With FSDP each rank holds a shard of each gradient (a DTensor); the norm of the local pieces
-    alone would differ per rank and clip each shard differently.
+    alone would differ per rank and clip each shard differently. With expert parallelism the
+    experts' gradients live on another mesh (the EP-complement) and each EP rank holds other
+    experts: their norm is finished over the shards, then summed over the EP group.
     """
     if not max_norm > 0:
         raise ValueError(f'max_norm must be > 0, got {max_norm}')
+    norm_type = float(norm_type)
     parameters = _as_list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
-    if hasattr(total_norm, 'full_tensor'):  # a DTensor: finish the reduction over the shards
-        total_norm = total_norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    by_group: Dict[object, list] = {}  # EP group (None: parameters every rank has) -> parameters
+    for parameter in parameters:
+        if parameter.grad is not None:
+            by_group.setdefault(expert_parallel_group(parameter), []).append(parameter)
+    norms = [_norm_over_ranks([p.grad for p in group_parameters], norm_type, group)
+             for group, group_parameters in by_group.items()]
+    total_norm = (torch.nn.utils.get_total_norm(norms, norm_type, error_if_nonfinite) if norms
+                  else torch.tensor(0.0))
+    for group_parameters in by_group.values():  # one call per mesh: DTensor ops refuse mixed meshes
+        torch.nn.utils.clip_grads_with_norm_(group_parameters, max_norm, total_norm)
     return total_norm
+
+
+def _norm_over_ranks(grads: list, norm_type: float, ep_group) -> torch.Tensor:
+    """The norm of ``grads`` over their FSDP shards and, for expert-local ones, over ``ep_group``."""
+    norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    if hasattr(norm, 'full_tensor'):  # a DTensor: finish the reduction over the shards
+        norm = norm.full_tensor()
+    if ep_group is None:
+        return norm
+    with collective('clip_grad_norm_experts'):
+        if norm_type == math.inf:
+            dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=ep_group)
+            return norm
+        powered = norm.double() ** norm_type
+        dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=ep_group)
+    return (powered ** (1.0 / norm_type)).to(norm.dtype)
 
 
 def _as_list(parameters: Parameters) -> list:

@@ -18,7 +18,11 @@ import torch.distributed as dist
 
 # Outer to inner. dp and fsdp are always present (size 1 allowed) because FSDP slices them by name.
 DIM_ORDER = ('pp', 'dp', 'fsdp', 'ep', 'cp', 'ulysses', 'tp')
-DATA_DIMS = ('dp', 'fsdp')
+# Ranks along these dims read different data. ep is one of them, as in Megatron and torchtitan: EP
+# splits the data ranks (each reads its own tokens and sends them to the experts' owners), it does
+# not add ranks that repeat a data slice.
+DATA_DIMS = ('dp', 'fsdp', 'ep')
+ALWAYS_PRESENT = ('dp', 'fsdp')
 
 _global_mesh: Optional['DeviceMesh'] = None
 _CELL = 8  # column width of get_device_placement's drawing
@@ -55,7 +59,7 @@ class DeviceMesh:
         for name, size in self.dims.items():
             _check_size(f'{name} size', size)
         given = dict(self.dims)
-        for name in DATA_DIMS:
+        for name in ALWAYS_PRESENT:
             given.setdefault(name, 1)
         self.dims = {name: given[name] for name in DIM_ORDER if name in given}
 
@@ -124,14 +128,17 @@ class DeviceMesh:
 
     @property
     def data_world_size(self) -> int:
-        """Ranks that read different data: dp x fsdp (tp, cp, ulysses, ep ranks share a slice)."""
-        return self.dims['dp'] * self.dims['fsdp']
+        """Ranks that read different data: dp x fsdp x ep (tp, cp, ulysses, pp ranks share a slice)."""
+        return math.prod(self.size(name) for name in DATA_DIMS)
 
     @property
     def data_rank(self) -> int:
-        """Which of the ``data_world_size`` data slices this rank reads."""
+        """Which of the ``data_world_size`` data slices this rank reads (row-major over DATA_DIMS)."""
         coordinate = self.coordinate()
-        return coordinate['dp'] * self.dims['fsdp'] + coordinate['fsdp']
+        rank = 0
+        for name in DATA_DIMS:
+            rank = rank * self.size(name) + coordinate.get(name, 0)
+        return rank
 
     # -- torch objects ------------------------------------------------------------------------
     def resolved_device_type(self) -> str:
