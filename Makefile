@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# NPROC=2 runs the same job under torchrun (gloo on CPU, nccl/hccl on accelerators) with FSDP2.
+# NPROC=2 runs the same job under torchrun (gloo on CPU, nccl/hccl on accelerators) with expert parallelism.
 NPROC      ?= 1
 LAUNCH     := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 

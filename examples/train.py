@@ -1,29 +1,37 @@
-"""The main job: LoRA finetune of the embedded tiny Qwen3 on the self-cognition data, offline.
-One process, or under torchrun (`make train NPROC=2`) with FSDP2 over all ranks.
+"""The main job: LoRA finetune of the embedded tiny Qwen3-MoE on the self-cognition data, offline.
+
+One process (`make train`, NPROC=1), or under torchrun (`make train NPROC=2`) with expert
+parallelism: each rank holds num_experts / ep_size experts of every MoE layer, tokens travel to
+their experts' owners and back by all-to-all, and FSDP2 shards the rest over all ranks.
 
 The seeds' training API end to end (Dataset -> Template -> DataLoader -> TransformersModel with a
-LoRA adapter, AdamW, cosine warm-up), kernels chosen at load, a progress bar with loss and
-tokens/s, a final summary (kernels, peak memory) and a checkpoint that plain peft loads.
+LoRA adapter on attention, MLP and expert parameters, AdamW, cosine warm-up), kernels chosen at
+load, a progress bar, a final summary (loss curve PNG, tokens/s, peak memory per rank, kernel
+choices) and a checkpoint that plain peft loads on one process (all experts, whatever ep_size).
 """
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from tqdm import tqdm
 
 import twinkle
-from twinkle import assets, backends
+from twinkle import DeviceMesh, assets, backends
 from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta
 from twinkle.model import TransformersModel
 from twinkle.preprocessor import SelfCognitionProcessor
 
+EXPERT_PARAMETERS = ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']
+
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('--model', default=None, help='model id or path (default: embedded tiny Qwen3)')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default=None, help='model id or path (default: embedded tiny Qwen3-MoE)')
+    parser.add_argument('--ep-size', type=int, default=None, help='expert-parallel ranks (default: all ranks)')
     parser.add_argument('--samples', type=int, default=256)
     parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--batch-size', type=int, default=8)
@@ -32,19 +40,46 @@ def parse_args():
     return parser.parse_args()
 
 
-def peak_memory_per_rank(device) -> list:
-    peak = device.peak_memory()
+def build_mesh(ep_size):
+    """EP over ``ep_size`` ranks (default all), FSDP over the rest; None for one process."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size == 1:
+        return None
+    ep_size = ep_size or world_size
+    if world_size % ep_size:
+        raise ValueError(f'--ep-size {ep_size} must divide the {world_size} ranks')
+    return DeviceMesh.from_sizes(world_size=world_size, ep_size=ep_size, fsdp_size=world_size // ep_size)
+
+
+def gather_per_rank(value) -> list:
     if not torch.distributed.is_initialized():
-        return [peak]
-    peaks = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(peaks, peak)
-    return peaks
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def plot_loss(history: list, path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 'not drawn (pip install matplotlib, or "twinkle[dev]")'
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(range(1, len(history) + 1), history)
+    axes.set(xlabel='optimizer step', ylabel='loss (mean per token)', title='LoRA finetune of tiny Qwen3-MoE')
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return str(path)
 
 
 def main():
     args = parse_args()
-    device = twinkle.initialize(seed=42)
-    model_id = args.model or assets.tiny_model_path('qwen3')
+    device = twinkle.initialize(seed=42, global_device_mesh=build_mesh(args.ep_size))
+    model_id = args.model or assets.tiny_model_path('qwen3_moe')
     dataset = Dataset(DatasetMeta(assets.self_cognition_path(), data_slice=range(args.samples)))
     dataset.set_template('Qwen3_5Template', model_id=model_id, max_length=512)
     dataset.map(SelfCognitionProcessor('twinkle LLM', 'ModelScope Community'))
@@ -52,36 +87,42 @@ def main():
     dataloader = DataLoader(dataset=dataset, batch_size=args.batch_size)
 
     model = TransformersModel(model_id=model_id)
-    model.add_adapter_to_model('default', LoraConfig(r=8, lora_alpha=32, target_modules='all-linear'))
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules='all-linear', target_parameters=EXPERT_PARAMETERS)
+    model.add_adapter_to_model('default', lora)
     model.set_optimizer('AdamW', lr=args.lr)
     total_steps = len(dataloader) * args.epochs
     model.set_lr_scheduler('CosineWarmupScheduler', num_warmup_steps=5, num_training_steps=total_steps)
 
+    is_first_rank = int(os.environ.get('RANK', '0')) == 0
     device.reset_peak_memory()
-    started, history = time.perf_counter(), []
-    with tqdm(total=total_steps, desc='train', unit='step', disable=int(os.environ.get('RANK', 0)) != 0) as progress:
+    started, history, tokens = time.perf_counter(), [], 0
+    with tqdm(total=total_steps, desc='train', unit='step', disable=not is_first_rank) as progress:
         for _ in range(args.epochs):
             for batch in dataloader:
                 model.forward_backward(inputs=batch)
                 model.clip_grad_and_step()
-                metric = model.calculate_metric(is_training=True)
+                metric = model.calculate_metric(is_training=True)  # summed over ranks
                 history.append(metric['loss'])
+                tokens += metric['tokens']
                 progress.set_postfix(loss=f'{metric["loss"]:.3f}', tok_s=f'{metric["tokens_per_second"]:.0f}')
                 progress.update()
     elapsed = time.perf_counter() - started
     path = model.save(args.output)
-    peaks = peak_memory_per_rank(device)
-    if int(os.environ.get('RANK', 0)) != 0:
+    peaks = gather_per_rank(device.peak_memory())
+    if not is_first_rank:
         return
     configs = model.get_train_configs()
+    mesh = twinkle.parallel.global_mesh()
     print(f'\nloss: first {history[0]:.3f} -> last {history[-1]:.3f} over {len(history)} steps '
-          f'({elapsed:.1f} s, device {device.type}, precision {configs["precision"]})')
+          f'({elapsed:.1f} s, {tokens / elapsed:.0f} trained tokens/s, device {device.type}, '
+          f'precision {configs["precision"]}, {mesh.describe_sizes() if mesh and mesh.world_size > 1 else "one process"})')
+    print(f'loss curve: {plot_loss(history, Path(args.output).parent / "loss_curve.png")}')
     print('peak memory per rank: ' + ', '.join(f'{peak / 2**20:.0f} MiB' for peak in peaks)
           + (' (process high-water mark)' if device.type == 'cpu' else ''))
     print('kernels:')
     for op, choice in configs['kernels'].items():
         print(f'  {op:<28} {choice}')
-    print(f'checkpoint: {path} (LoRA adapter, loads with peft.PeftModel.from_pretrained)')
+    print(f'checkpoint: {path} (LoRA adapter with every expert; loads with peft.PeftModel.from_pretrained)')
     if backends.current().type == 'cpu':
         print('note: CPU run; GPU/NPU paths are verified by tests with fake devices only')
 

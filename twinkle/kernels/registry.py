@@ -132,10 +132,14 @@ def configure(overrides: Optional[Dict[str, str]] = None, **kwargs: str) -> None
     _chosen.clear()
 
 
-def report(device: DeviceLike = None) -> List[dict]:
-    """Per op: the chosen backend, the reason, and every backend's availability."""
+def report(device: DeviceLike = None, used_only: bool = False) -> List[dict]:
+    """Per op: the chosen backend, the reason, and every backend's availability. ``used_only``:
+    only the ops something has selected so far in this process (what a model actually runs)."""
+    used = {key[0] for key in _chosen}
     rows = []
     for name in ops():
+        if used_only and name not in used:
+            continue
         chosen = select(name, device)
         rows.append({
             'op': name,

@@ -25,9 +25,12 @@ from torch import nn
 from twinkle.kernels.grouped_experts import TwinkleMoeExperts, grouped_experts
 from twinkle.kernels.moe_permute import moe_permute
 from twinkle.kernels.moe_unpermute import moe_unpermute
+from twinkle.utils.logger import get_logger
 
 from .collectives import collective
 from .mesh import DeviceMesh
+
+logger = get_logger(__name__)
 
 
 def _exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
@@ -138,8 +141,15 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         if module.num_experts % ep_size:
             raise ValueError(f'ep_size={ep_size} must divide the expert count num_experts={module.num_experts} '
                              f'of {type(module).__name__}')
-    if ep_size == 1 or not experts_modules:
+    if ep_size == 1:
         return model
+    if not experts_modules:
+        raise ValueError(f'ep_size={ep_size} but {type(model).__name__} has no fused MoE experts '
+                         f'(Qwen3MoeExperts-style gate_up_proj/down_proj) to distribute')
+    if any(module is not module.get_base_layer() for module in model.modules() if hasattr(module, 'get_base_layer')
+           and _is_fused_experts(module.get_base_layer())):
+        raise ValueError('the experts already carry peft adapters sized for all experts: call '
+                         'apply_expert_parallel before get_peft_model / add_adapter_to_model')
     group = mesh.group('ep')
     ep_rank = dist.get_rank(group)
     for module in experts_modules:
@@ -149,6 +159,9 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         module.down_proj = nn.Parameter(module.down_proj.detach()[owned].clone())
         module.__class__ = ExpertParallelExperts
         module.ep_group, module.first_expert, module.local_experts = group, owned.start, local
+    logger.info('expert parallel: ep_size=%d, this rank holds experts %d-%d of %d in each of %d MoE layers',
+                ep_size, ep_rank * local, (ep_rank + 1) * local - 1, experts_modules[0].num_experts,
+                len(experts_modules))
     return model
 
 

@@ -23,8 +23,8 @@ from twinkle.model.base import TwinkleModel
 from twinkle.model.optim import build_optimizer, build_scheduler
 from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
-from twinkle.parallel import (all_reduce_sum, clip_grad_norm_, collective, global_mesh, load_sharded, parallelize,
-                              save_full_state_dict, save_sharded, scale_gradients_)
+from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, clip_grad_norm_, collective, global_mesh,
+                              load_sharded, parallelize, save_full_state_dict, save_sharded, scale_gradients_)
 from twinkle.utils.logger import get_logger
 
 from . import checkpoint
@@ -43,7 +43,9 @@ class TransformersModel(TwinkleModel):
         model_id: local path, ``ms://org/name`` or ``hf://org/name``.
         model_cls: class (or ``transformers`` class name) to load with; default AutoModelForCausalLM.
         config: build from this config instead of loading weights (``model_id`` then unused).
-        device_mesh: the parallel layout (single device when None).
+        device_mesh: the parallel layout (default: the mesh given to ``twinkle.initialize``). With
+            ``ep_size > 1`` each rank keeps its share of every MoE layer's experts (at load, before
+            adapters), and FSDP2 shards the rest over all data ranks.
         mixed_precision: 'auto' (ask the device), 'bf16', 'fp16' or 'fp32'.
         kernels: 'auto' (twinkle's choice per model family), a ``kernelize`` mapping, or None.
         attn_implementation: 'auto' (flash-attn 2 where supported, else SDPA) or an HF name.
@@ -72,6 +74,8 @@ class TransformersModel(TwinkleModel):
         self.model = self._load(model_id, model_cls, config, attention, from_pretrained_kwargs)
         self.kernels = kernels
         self._apply_kernels(kernels)
+        if self.device_mesh is not None and self.device_mesh.size('ep') > 1:
+            apply_expert_parallel(self.model, self.device_mesh)  # before adapters: LoRA sees the local experts
         self.template = None
         self.processor = None
         self._states: Dict[str, TrainState] = {}
@@ -247,7 +251,8 @@ class TransformersModel(TwinkleModel):
 
     def get_train_configs(self, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         state = self._state(adapter_name)
-        used_ops = {row['op']: f'{row["backend"]} ({row["reason"]})' for row in report()} if self.kernels else {}
+        used_ops = ({row['op']: f'{row["backend"]} ({row["reason"]})' for row in report(used_only=True)}
+                    if self.kernels else {})
         return {
             'model_id': self.model_id, 'model_class': type(self._base_model()).__name__,
             'device': self.device.type, 'precision': self.precision.name,
