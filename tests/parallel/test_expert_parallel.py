@@ -70,3 +70,12 @@ def test_uneven_all_to_all_and_its_gradient(ep_ranks):
 def test_ep_size_not_dividing_experts_raises():
     with pytest.raises(ValueError, match=r'ep_size=3.*num_experts=4'):
         apply_expert_parallel(build_model(), DeviceMesh.from_sizes(ep_size=3))
+
+
+def test_ep_needs_fused_experts_and_must_come_before_peft():
+    from peft import LoraConfig, get_peft_model
+    with pytest.raises(ValueError, match=r'ep_size=2 but Linear has no fused MoE experts'):
+        apply_expert_parallel(torch.nn.Linear(2, 2), DeviceMesh.from_sizes(ep_size=2))
+    wrapped = get_peft_model(build_model(), LoraConfig(r=2, target_parameters=['mlp.experts.gate_up_proj']))
+    with pytest.raises(ValueError, match='apply_expert_parallel before get_peft_model'):
+        apply_expert_parallel(wrapped, DeviceMesh.from_sizes(ep_size=2))

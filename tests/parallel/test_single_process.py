@@ -63,11 +63,15 @@ def test_collective_passes_errors_through_without_a_process_group():
 
 
 @pytest.mark.parametrize('sizes, named', [({'tp_size': 2}, 'tp_size=2'), ({'pp_size': 2}, 'pp_size=2'),
-                                          ({'cp_size': 2}, 'cp_size=2'), ({'ulysses_size': 2}, 'ulysses_size=2'),
-                                          ({'ep_size': 2}, 'ep_size=2')])
+                                          ({'cp_size': 2}, 'cp_size=2'), ({'ulysses_size': 2}, 'ulysses_size=2')])
 def test_parallelize_refuses_dims_it_does_not_handle(sizes, named):
     with pytest.raises(NotImplementedError, match=named):
         parallelize(nn.Linear(2, 2), DeviceMesh.from_sizes(**sizes))
+
+
+def test_parallelize_with_ep_needs_expert_parallel_experts():
+    with pytest.raises(ValueError, match=r'ep_size=2 .* call apply_expert_parallel'):
+        parallelize(nn.Linear(2, 2), DeviceMesh.from_sizes(ep_size=2))
 
 
 def test_parallelize_checks_its_arguments():

@@ -50,6 +50,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
             raise NotImplementedError(f'{dim}_size={mesh.size(dim)}: parallelize handles dp, fsdp and ep only; '
                                       f'{feature} is not available here yet')
     param_dtype = _param_dtype(mixed_precision)
+    expert_units = expert_parallel_units(model)
+    if mesh.size('ep') > 1 and not expert_units:
+        raise ValueError(f'mesh has ep_size={mesh.size("ep")} but the model has no expert-parallel experts: '
+                         f'call apply_expert_parallel(model, mesh) before parallelize')
     if mesh.data_world_size == 1:
         logger.info('parallelize: one data rank, model left unsharded')
         return model
@@ -60,10 +64,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
 
     policy = (MixedPrecisionPolicy() if param_dtype is None
               else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
-    expert_units = expert_parallel_units(model)
-    if mesh.size('ep') > 1 and not expert_units:
-        raise ValueError(f'mesh has ep_size={mesh.size("ep")} but the model has no expert-parallel experts: '
-                         f'call apply_expert_parallel(model, mesh) before parallelize')
     if expert_units:
         expert_mesh = _shard_mesh(mesh, ('fsdp',))
         for unit, group in expert_units:
