@@ -126,6 +126,21 @@ def resume_check(mesh, trained: dict, out: Path) -> Dict[str, tuple]:
     return compared
 
 
+def adapter_reload_check(mesh, trained: dict, out: Path) -> Dict[str, tuple]:
+    """The full LoRA checkpoint (every expert) loads into a fresh EP + FSDP model with another
+    LoRA init: each rank gets back exactly the slices it trained."""
+    from twinkle.model.transformers import checkpoint
+    from twinkle.parallel import apply_expert_parallel, parallelize
+    from twinkle.parallel.expert_parallel import shard_expert_state_dict
+    torch.manual_seed(7)
+    fresh = parallelize(add_lora(apply_expert_parallel(build_model(), mesh)), mesh)
+    checkpoint.load(fresh, str(out / 'lora_checkpoint'), adapter='default',
+                    prepare=lambda weights: shard_expert_state_dict(fresh, weights, 'default'))
+    saved = full_values(trained['model'], lambda p: p if p.requires_grad else None)
+    loaded = full_values(fresh, lambda p: p if p.requires_grad else None)
+    return {name: (loaded[name], saved[name]) for name in saved}
+
+
 def _moments(model, optimizer) -> Dict[str, torch.Tensor]:
     """The momentum of every parameter, FSDP shards gathered."""
     return full_values(model, lambda p: optimizer.state[p]['momentum_buffer'] if p in optimizer.state else None)
@@ -148,6 +163,8 @@ def main(out: str) -> None:
         results[kind] = {key: run[key] for key in ('compared', 'trajectory')}
         if kind == 'full':
             results['resumed'] = resume_check(mesh, run, out)
+        if kind == 'lora':
+            results['adapter_reloaded'] = adapter_reload_check(mesh, run, out)
     torch.save(results, out / f'rank{dist.get_rank()}.pt')
     dist.barrier()
     dist.destroy_process_group()

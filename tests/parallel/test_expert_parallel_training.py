@@ -83,3 +83,12 @@ def test_sharded_checkpoint_restores_each_ranks_experts_and_momentum(ranks):
         assert any('experts' in name for name in result['resumed'])
         for what, (got, expected) in result['resumed'].items():
             torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=what)
+
+
+def test_full_lora_checkpoint_loads_back_into_an_expert_parallel_model(ranks):
+    _, results = ranks
+    for result in results:
+        reloaded = result['adapter_reloaded']
+        assert any('experts' in name for name in reloaded)
+        for what, (got, expected) in reloaded.items():
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=what)

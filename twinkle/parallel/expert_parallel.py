@@ -16,7 +16,7 @@ and the full tensors a single process would hold (the checkpoint format).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -243,9 +243,14 @@ def expert_local_keys(model: nn.Module) -> Dict[str, str]:
             for name, (_, base) in _expert_local_parameters(model).items()}
 
 
-def shard_expert_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The inverse: full tensors (as saved by one process) -> this rank's expert slices."""
-    owners = {name: base for name, (_, base) in _expert_local_parameters(model).items()}
+def shard_expert_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                            adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The inverse: full tensors (as saved by one process) -> this rank's expert slices. Keys are
+    ``model.state_dict()`` names, or with ``adapter_name`` peft's saved adapter names (which leave
+    the adapter name out)."""
+    owners = {}
+    for name, (_, base) in _expert_local_parameters(model).items():
+        owners[name.replace(f'.{adapter_name}.', '.') if adapter_name else name] = base
     sharded = dict(state_dict)
     for key, full in state_dict.items():
         base = owners.get(key)

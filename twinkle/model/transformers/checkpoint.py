@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -32,14 +32,17 @@ def save(model: nn.Module, path: str, *, adapter: Optional[str], tokenizer=None,
             torch.save(trainer_state, os.path.join(staging, TRAINER_STATE))
 
 
-def load(model: nn.Module, path: str, *, adapter: Optional[str]) -> Optional[dict]:
-    """Load weights into ``model`` in place; returns the trainer state if the checkpoint has one."""
+def load(model: nn.Module, path: str, *, adapter: Optional[str],
+         prepare: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]] = lambda weights: weights
+         ) -> Optional[dict]:
+    """Load weights into ``model`` in place; returns the trainer state if the checkpoint has one.
+    ``prepare`` maps the weights as read (e.g. to this rank's expert slices) before they are set."""
     from safetensors.torch import load_file
     if not os.path.isdir(path):
         raise FileNotFoundError(f'no checkpoint directory at {path}')
     if adapter is not None:
         from peft.utils import set_peft_model_state_dict
-        weights = load_file(os.path.join(adapter_dir(path, adapter), 'adapter_model.safetensors'))
+        weights = prepare(load_file(os.path.join(adapter_dir(path, adapter), 'adapter_model.safetensors')))
         result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
         if result.unexpected_keys:
             raise ValueError(f'{path}: weights that adapter {adapter!r} does not have: {result.unexpected_keys[:5]}')

@@ -25,6 +25,7 @@ from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
 from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, clip_grad_norm_, collective, global_mesh,
                               load_sharded, parallelize, save_full_state_dict, save_sharded, scale_gradients_)
+from twinkle.parallel.expert_parallel import shard_expert_state_dict
 from twinkle.utils.logger import get_logger
 
 from . import checkpoint
@@ -290,10 +291,14 @@ class TransformersModel(TwinkleModel):
         path = os.path.join(output_dir, name) if output_dir else name
         if self.distributed:
             self._ensure_parallel()
-            if not load_optimizer:
-                raise NotImplementedError('under FSDP, load weights with from_pretrained (model_id=path); '
+            if load_optimizer:
+                state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
+            elif state.name:  # a full adapter (every expert): each rank takes its slices, peft shards the rest
+                checkpoint.load(self.model, path, adapter=state.name,
+                                prepare=lambda weights: shard_expert_state_dict(self.model, weights, state.name))
+            else:
+                raise NotImplementedError('under FSDP, load full weights with from_pretrained (model_id=path); '
                                           'load(load_optimizer=True) resumes a sharded checkpoint')
-            state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
             return
         trainer_state = checkpoint.load(self.model, path, adapter=state.name or None)
         if load_optimizer:
