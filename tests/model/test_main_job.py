@@ -59,3 +59,24 @@ def test_checkpoint_holds_every_experts_adapter_and_loads_on_one_process(main_jo
         torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0, msg=key)
     logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_ep_checkpoint_loads_back_into_an_expert_parallel_transformers_model(main_job, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .ep_reload_job import PROBE
+    nproc, out, _ = main_job
+    if nproc == 1:
+        pytest.skip('the two-rank run covers loading under EP')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               '-m', 'tests.model.ep_reload_job', str(out / 'last-checkpoint'), str(tmp_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu')
+    env.pop('TRITON_INTERPRET', None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    base = AutoModelForCausalLM.from_pretrained(assets.tiny_model_path('qwen3_moe'))
+    expected = PeftModel.from_pretrained(base, out / 'last-checkpoint').eval()(input_ids=PROBE).logits.detach()
+    for rank in range(2):
+        got = torch.load(tmp_path / f'rank{rank}.pt')
+        torch.testing.assert_close(got, expected[rank:rank + 1], rtol=1e-5, atol=1e-5)
