@@ -113,3 +113,13 @@ def test_report_covers_every_op(fresh_registry):
 def _tiny_inputs():
     import torch
     return torch.randn(2, 8), torch.ones(8)
+
+
+def test_first_call_of_an_op_may_be_inside_a_fullgraph_compile(fresh_registry):
+    import torch
+    torch._dynamo.reset()
+    x, weight = torch.randn(3, 8), torch.rand(8)
+    compiled = torch.compile(lambda x, weight: kernels.rms_norm(x, weight, 1e-6) * 2, fullgraph=True,
+                             backend='eager')
+    assert not registry._chosen  # nothing selected before tracing
+    torch.testing.assert_close(compiled(x, weight), 2 * kernels.rms_norm(x, weight, 1e-6, backend='reference'))

@@ -113,11 +113,20 @@ def select(op: str, device: DeviceLike = None) -> Selection:
 
 def resolve(op: str, backend: Optional[str] = None, device: DeviceLike = None) -> Callable:
     """The function implementing ``op``: the forced ``backend`` or the selected one."""
+    return _op(op).functions[_loaded_backend(op, backend, device)]
+
+
+@torch.compiler.assume_constant_result
+def _loaded_backend(op: str, backend: Optional[str], device: DeviceLike) -> str:
+    """Choose (or check) the backend and import its module. torch.compile runs this once while
+    tracing and keeps the answer, so an op's first call may be inside a compiled graph: device
+    detection and imports are not traceable."""
     if backend is None:
         backend = select(op, device).backend
     else:
         _require_available(op, backend, device, why='backend=')
-    return _load(op, backend)
+    _load(op, backend)
+    return backend
 
 
 def configure(overrides: Optional[Dict[str, str]] = None, **kwargs: str) -> None:
