@@ -23,7 +23,7 @@ from twinkle.utils.logger import get_logger
 logger = get_logger(__name__)
 
 EXTENSION_NAME = 'twinkle_cpu_kernels'
-SOURCE_DIR = Path(__file__).resolve().parents[2] / 'csrc'
+SOURCE_DIR = Path(__file__).resolve().parents[1] / '_csrc'  # in a checkout a link to the top-level csrc/
 ERROR_LOG = 'build-error.log'
 
 # Flags for ATen's Vectorized<T> per ISA torch itself dispatches to (as torch.compile's C++ code uses).
@@ -78,7 +78,7 @@ def _build_and_load() -> Optional[str]:
     from torch.utils import cpp_extension
 
     if not SOURCE_DIR.is_dir():
-        return f'C++ sources not found at {SOURCE_DIR} (install twinkle from a source checkout)'
+        return f'C++ sources not found at {SOURCE_DIR} (a broken install: reinstall twinkle)'
     if shutil.which(_compiler()) is None:
         return f'no C++ compiler {_compiler()!r} on PATH (install g++, or set CXX)'
     if not cpp_extension.is_ninja_available():
