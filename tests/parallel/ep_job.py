@@ -125,10 +125,10 @@ def main(out: str) -> None:
     dist.destroy_process_group()  # without it, exiting waits tens of seconds on gloo's teardown
 
 
-def launch(nproc: int, out: Path, job: str = 'tests.parallel.ep_job', timeout: float = 600) -> List[dict]:
-    """Run ``job`` (a module with ``main(out)``) on ``nproc`` ranks; returns each rank's saved results."""
+def launch(nproc: int, out: Path, job: str = 'tests.parallel.ep_job', *args: str, timeout: float = 600) -> List[dict]:
+    """Run ``job`` (a module with ``main(out, *args)``) on ``nproc`` ranks; returns each rank's saved results."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-               '-m', job, str(out)]
+               '-m', job, str(out), *args]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TWINKLE_LOG_LEVEL': 'WARNING', 'TWINKLE_DEVICE': 'cpu'}
     env.pop('TRITON_INTERPRET', None)  # the job runs CPU kernels; under the interpreter its first call takes ~45 s
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

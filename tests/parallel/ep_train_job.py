@@ -1,6 +1,6 @@
 """Training with expert parallelism (EP=2 on 2 ranks, EP=2 x FSDP=2 on 4) against one process.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m tests.parallel.ep_train_job OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m tests.parallel.ep_train_job OUT_DIR [fsdp|dp]
 
 Every rank also runs the single-process twin (stock Hugging Face MoE, whole global batch, same
 seed) and stores, per checked quantity, its own value next to the part of the twin's value it
@@ -146,12 +146,13 @@ def _moments(model, optimizer) -> Dict[str, torch.Tensor]:
     return full_values(model, lambda p: optimizer.state[p]['momentum_buffer'] if p in optimizer.state else None)
 
 
-def main(out: str) -> None:
+def main(out: str, other_dim: str = 'fsdp') -> None:
+    """EP=2 times ``other_dim`` ('fsdp': experts sharded over fsdp; 'dp': HSDP, experts replicated)."""
     import twinkle
     from twinkle import DeviceMesh
     from twinkle.parallel import save_full_state_dict
     out = Path(out)
-    mesh = DeviceMesh.from_sizes(ep_size=2, fsdp_size=int(os.environ['WORLD_SIZE']) // 2)
+    mesh = DeviceMesh.from_sizes(ep_size=2, **{f'{other_dim}_size': int(os.environ['WORLD_SIZE']) // 2})
     twinkle.initialize(mode='local', global_device_mesh=mesh)
     results = {'placement': twinkle.get_device_placement()}
     for kind in KINDS:

@@ -1,5 +1,5 @@
-"""Training the tiny Qwen3-MoE with expert parallelism equals one process: EP=2 on 2 ranks and
-EP=2 x FSDP=2 on 4 (gloo, CPU); full-parameter, LoRA (attention + expert parameters) and a routing
+"""Training the tiny Qwen3-MoE with expert parallelism equals one process: EP=2 on 2 ranks,
+EP=2 x FSDP=2 and HSDP dp=2 x EP=2 on 4 (gloo, CPU); full-parameter, LoRA (attention + expert parameters) and a routing
 that sends every token to EP rank 0's experts. 3 steps with clipping (acting in full training)."""
 import pytest
 import torch
@@ -10,10 +10,11 @@ from .ep_train_job import KINDS
 RTOL = 1e-5  # relative to each tensor's scale; fp32 on both sides, only summation orders differ
 
 
-@pytest.fixture(scope='module', params=[2, 4], ids=['ep2', 'ep2xfsdp2'])
+@pytest.fixture(scope='module', params=[(2, 'fsdp'), (4, 'fsdp'), (4, 'dp')], ids=['ep2', 'ep2xfsdp2', 'dp2xep2'])
 def ranks(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f'ep_train{request.param}')
-    return out, launch(request.param, out, job='tests.parallel.ep_train_job')
+    nproc, other_dim = request.param
+    out = tmp_path_factory.mktemp(f'ep_train{nproc}{other_dim}')
+    return out, launch(nproc, out, 'tests.parallel.ep_train_job', other_dim)
 
 
 def assert_scaled_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -48,7 +49,7 @@ def test_expert_lora_is_trained_per_rank(ranks):
     assert any('experts' in name and 'lora_A' in name for name in names)
 
 
-def test_each_rank_holds_half_of_the_experts_sharded_over_fsdp(ranks):
+def test_each_rank_holds_half_of_the_experts(ranks):
     _, results = ranks
     for result in results:
         got, expected = result['full']['compared']['weights:model.layers.0.mlp.experts.gate_up_proj']
