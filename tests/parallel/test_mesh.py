@@ -43,25 +43,17 @@ def test_coordinates_are_row_major_with_tp_innermost():
         mesh.coordinate(12)
 
 
-def test_data_rank_counts_dp_x_fsdp_and_tp_ranks_share_data(monkeypatch):
-    mesh = DeviceMesh.from_sizes(dp_size=2, fsdp_size=2, tp_size=2)
+@pytest.mark.parametrize('sizes', [dict(dp_size=2, fsdp_size=2, tp_size=2), dict(fsdp_size=2, ep_size=2, tp_size=2)],
+                         ids=['dp_x_fsdp', 'ep_splits_data_ranks'])
+def test_data_rank_counts_data_dims_and_tp_ranks_share_data(monkeypatch, sizes):
+    mesh = DeviceMesh.from_sizes(**sizes)
     assert mesh.data_world_size == 4
     seen = []
     for rank in range(mesh.world_size):
         monkeypatch.setenv('RANK', str(rank))
         assert mesh.rank == rank
         seen.append(mesh.data_rank)
-    assert seen == [0, 0, 1, 1, 2, 2, 3, 3]
-
-
-def test_ep_ranks_are_data_ranks_that_read_their_own_slice(monkeypatch):
-    mesh = DeviceMesh.from_sizes(fsdp_size=2, ep_size=2, tp_size=2)
-    assert mesh.data_world_size == 4
-    seen = []
-    for rank in range(mesh.world_size):
-        monkeypatch.setenv('RANK', str(rank))
-        seen.append((mesh.coordinate()['ep'], mesh.data_rank))
-    assert seen == [(0, 0), (0, 0), (1, 1), (1, 1), (0, 2), (0, 2), (1, 3), (1, 3)]
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3]  # tp neighbours share; ep neighbours (ranks 0 and 2) do not
 
 
 def test_placement_draws_the_grid_and_marks_this_rank(monkeypatch):
