@@ -93,7 +93,7 @@ def single_process(kind: str) -> dict:
 
 def expert_parallel(kind: str, mesh, twin: dict) -> dict:
     from twinkle.parallel import all_reduce_sum, apply_expert_parallel, clip_grad_norm_, parallelize
-    from twinkle.parallel.expert_parallel import shard_expert_state_dict
+    from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
     model = apply_expert_parallel(build(kind), mesh)
     if kind == 'lora':
         model = add_lora(model)
@@ -131,7 +131,7 @@ def adapter_reload_check(mesh, trained: dict, out: Path) -> Dict[str, tuple]:
     LoRA init: each rank gets back exactly the slices it trained."""
     from twinkle.model.transformers import checkpoint
     from twinkle.parallel import apply_expert_parallel, parallelize
-    from twinkle.parallel.expert_parallel import shard_expert_state_dict
+    from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
     torch.manual_seed(7)
     fresh = parallelize(add_lora(apply_expert_parallel(build_model(), mesh)), mesh)
     checkpoint.load(fresh, str(out / 'lora_checkpoint'), adapter='default',

@@ -8,6 +8,7 @@ Typical torchrun script::
 """
 from .checkpoint import load_sharded, rng_state, save_full_state_dict, save_sharded, set_rng_state
 from .collectives import CollectiveTimeout, all_reduce_sum, collective
+from .expert_checkpoint import full_expert_state_dict, shard_expert_state_dict
 from .expert_parallel import ExpertParallelExperts, all_to_all_combine, all_to_all_dispatch, apply_expert_parallel
 from .fsdp import decoder_layers, parallelize
 from .gradients import clip_grad_norm_, scale_gradients_
@@ -15,5 +16,6 @@ from .mesh import DeviceGroup, DeviceMesh, get_device_placement, global_mesh
 
 __all__ = ['CollectiveTimeout', 'DeviceGroup', 'DeviceMesh', 'ExpertParallelExperts', 'all_reduce_sum',
            'all_to_all_combine', 'all_to_all_dispatch', 'apply_expert_parallel', 'clip_grad_norm_', 'collective',
-           'decoder_layers', 'get_device_placement', 'global_mesh', 'load_sharded', 'parallelize', 'rng_state',
-           'save_full_state_dict', 'save_sharded', 'scale_gradients_', 'set_rng_state']
+           'decoder_layers', 'full_expert_state_dict', 'get_device_placement', 'global_mesh', 'load_sharded',
+           'parallelize', 'rng_state', 'save_full_state_dict', 'save_sharded', 'scale_gradients_', 'set_rng_state',
+           'shard_expert_state_dict']

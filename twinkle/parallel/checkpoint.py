@@ -27,7 +27,7 @@ from twinkle.utils.io import atomic_directory
 from twinkle.utils.logger import get_logger
 
 from .collectives import collective
-from .expert_parallel import expert_local_keys, full_expert_state_dict
+from .expert_checkpoint import expert_local_keys, full_expert_state_dict
 
 logger = get_logger(__name__)
 

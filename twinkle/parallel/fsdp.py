@@ -24,7 +24,7 @@ from torch import nn
 from twinkle import backends
 from twinkle.utils.logger import get_logger
 
-from .expert_parallel import expert_parallel_units, mark_expert_local
+from .expert_parallel import expert_units, mark_expert_local
 from .mesh import DeviceMesh
 
 logger = get_logger(__name__)
@@ -50,8 +50,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
             raise NotImplementedError(f'{dim}_size={mesh.size(dim)}: parallelize handles dp, fsdp and ep only; '
                                       f'{feature} is not available here yet')
     param_dtype = _param_dtype(mixed_precision)
-    expert_units = expert_parallel_units(model)
-    if mesh.size('ep') > 1 and not expert_units:
+    units = [(unit, experts.ep_group) for _, unit, experts in expert_units(model)]
+    if mesh.size('ep') > 1 and not units:
         raise ValueError(f'mesh has ep_size={mesh.size("ep")} but the model has no expert-parallel experts: '
                          f'call apply_expert_parallel(model, mesh) before parallelize')
     if mesh.data_world_size == 1:
@@ -64,9 +64,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
 
     policy = (MixedPrecisionPolicy() if param_dtype is None
               else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
-    if expert_units:
+    if units:
         expert_mesh = _shard_mesh(mesh, ('fsdp',))
-        for unit, group in expert_units:
+        for unit, group in units:
             fully_shard(unit, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
             mark_expert_local(unit, group)
     shard_mesh = _shard_mesh(mesh, ('fsdp', 'ep') if mesh.size('ep') > 1 else ('fsdp',))
@@ -81,8 +81,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
             module.set_force_sum_reduction_for_comms(True)
     flavour = ('HSDP: replicate over dp, shard over fsdp' if mesh.size('dp') > 1 and mesh.size('fsdp') > 1
                else 'replicate over dp' if mesh.size('dp') > 1 else 'shard over fsdp')
-    if expert_units:
-        flavour += f'; {len(expert_units)} expert units over the EP-complement (fsdp={mesh.size("fsdp")})'
+    if units:
+        flavour += f'; {len(units)} expert units over the EP-complement (fsdp={mesh.size("fsdp")})'
     logger.info('parallelize: FSDP2 over %s (%s), %d x %s + root, compute dtype %s', mesh.describe_sizes(),
                 flavour, len(layers), layer_class, param_dtype or 'as stored')
     return model

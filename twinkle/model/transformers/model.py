@@ -25,7 +25,7 @@ from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
 from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, clip_grad_norm_, collective, global_mesh,
                               load_sharded, parallelize, save_full_state_dict, save_sharded, scale_gradients_)
-from twinkle.parallel.expert_parallel import shard_expert_state_dict
+from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
 from twinkle.utils.logger import get_logger
 
 from . import checkpoint
