@@ -81,7 +81,35 @@ def test_a_failing_variant_is_recorded_not_raised(bench, monkeypatch):
     assert report.one_line(result) == 'FAILED: RuntimeError: kernel crashed'
     case = {'label': 'tiny', 'limit': {'kind': 'compute', 'flops': 1e9, 'gemm_gflop_s': 1.0, 'limit_ms': 1.0,
                                        'output_mib': 1.0, 'fault_ms': 1.0}, 'variants': {'eager': result}}
-    assert any('failed: RuntimeError: kernel crashed' in row for row in report._case_rows(case))
+    rows = report.Table(report.DEFAULT_BASELINES, compute=True).case_rows(case)
+    assert any('failed: RuntimeError: kernel crashed' in row for row in rows)
+
+
+def test_an_op_with_its_own_baselines_is_rendered_against_them(bench):
+    """bench_moe's variants: ratios to HF grouped_mm and HF eager, GFLOP/s and the share of the GEMM
+    rate, display names, and why a variant was skipped."""
+    _, report, _ = bench
+
+    def result(ms, mib):
+        return {'fwd_ms': ms / 4, 'bwd_ms': 3 * ms / 4, 'fwd_bwd_ms': ms, 'reps': 5, 'peak_mib': 2 * mib,
+                'peak_above_setup_mib': mib}
+
+    case = {'label': 'T=4 fp32', 'limit': {'kind': 'compute', 'flops': 4e9, 'gemm_gflop_s': 4.0, 'limit_ms': 1000.0,
+                                           'expert_gemms_ms': 900.0, 'output_mib': 1.0, 'fault_ms': 1.0},
+            'variants': {'hf_grouped_mm': result(2000.0, 100.0), 'hf_eager': result(8000.0, 400.0),
+                         'twinkle': result(1600.0, 80.0)}}
+    measured = {'run': {}, 'skipped': {'hf_batched_mm': 'out of memory'}, 'cases': [case],
+                'baselines': ['hf_grouped_mm', 'hf_eager']}
+    lines = report._op_section('moe', measured, cores=2, show_run=False)
+    header = next(line for line in lines if line.startswith('| case'))
+    assert '÷ HF grouped_mm | ÷ HF eager | ÷ limit | GFLOP/s | % GEMM rate' in header
+    assert header.endswith('above set-up ÷ HF grouped_mm |')
+    assert 'Skipped: HF experts, batched_mm (out of memory).' in lines
+    gemms_alone = next(line for line in lines if "the experts' GEMMs alone" in line)
+    assert gemms_alone.split(' | ')[4] == '900.00'  # in the fwd+bwd column
+    twinkle = next(line for line in lines if '| twinkle MoE ops |' in line)
+    # 1600 ms: 0.80 of HF grouped_mm, 0.20 of HF eager, 1.60 of the limit, 2.5 GFLOP/s = 62 % of 4; memory 0.80
+    assert twinkle == '|  | twinkle MoE ops | 400.00 | 1200.00 | 1600.00 | 0.80 | 0.20 | 1.60 | 2 | 62 | 160 | 80 | 0.80 |'
 
 
 def test_results_of_earlier_runs_are_kept_until_remeasured(bench, tmp_path):
@@ -101,3 +129,11 @@ def test_bad_arguments_are_refused(bench):
         run.parse_args(['--ops', 'no_such_op'])
     with pytest.raises(SystemExit):
         run.parse_args(['--quick', '--full'])
+
+
+def test_moe_limit_keeps_the_faster_of_the_probes_before_and_after(bench):
+    import bench_moe
+    before = {'gemm_gflop_s': 90.0, 'limit_ms': 20.0, 'expert_gemms_ms': 30.0, 'fault_ms': 1.0}
+    after = {'gemm_gflop_s': 150.0, 'limit_ms': 12.0, 'expert_gemms_ms': 35.0, 'fault_ms': 2.0}
+    assert bench_moe._steadier_limit(before, after) == dict(after, expert_gemms_ms=30.0)
+    assert bench_moe._steadier_limit(after, before) == dict(after, expert_gemms_ms=30.0)

@@ -113,10 +113,33 @@ def test_input_in_another_dtype_runs_in_the_parameters_dtype_like_hf():
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
 
 
-def test_non_swiglu_experts_are_refused():
+@pytest.mark.parametrize('layout', ['act_fn', 'has_bias', 'is_transposed', 'is_concatenated'])
+def test_kernelize_keeps_experts_that_are_not_swiglu(layout, twinkle_logs):
+    """Checked when kernelizing, not at the first forward: such experts stay HF's, with the reason logged."""
+    stock = sparse_block('random')
+    if layout == 'act_fn':
+        stock.experts.act_fn = torch.nn.GELU()
+    else:
+        setattr(stock.experts, layout, not getattr(stock.experts, layout))
+    ours = kernels.kernelize(copy.deepcopy(stock))
+    assert type(ours.experts) is Qwen3MoeExperts
+    assert any('Qwen3MoeExperts kept' in r.getMessage() and layout in r.getMessage() for r in twinkle_logs.records)
+    if layout == 'act_fn':  # HF's own experts still run (the others are layouts HF's weights here do not have)
+        x = block_input()
+        assert_fp32_close(run_block(ours, x, 'grouped_mm'), run_block(stock, x, 'grouped_mm'))
+
+
+def test_kernelize_keeps_the_experts_class_when_one_layer_is_not_swiglu():
+    model = tiny_model()
+    model.model.layers[1].mlp.experts.act_fn = torch.nn.GELU()
+    kernels.kernelize(model)
+    assert not any(isinstance(m, TwinkleMoeExperts) for m in model.modules())
+
+
+def test_experts_forced_onto_non_swiglu_experts_refuse_to_run():
     block = sparse_block('random')
     block.experts.act_fn = torch.nn.GELU()
-    kernels.kernelize(block)
+    kernels.kernelize(block, {Qwen3MoeExperts: TwinkleMoeExperts})  # an explicit mapping is not second-guessed
     with pytest.raises(ValueError, match='act_fn'):
         block(block_input())
 

@@ -292,6 +292,7 @@ X, IDS = torch.randn(4, 8), torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
     (X, IDS[:3], 4, 'topk_ids', 'rows'),
     (X, IDS, 1, 'topk_ids', 'top-k'),                    # top-k 2 > 1 expert
     (X, IDS[:, :0], 4, 'topk_ids', 'top-k'),
+    (X, torch.zeros(4, 3, dtype=torch.long), 2, 'topk_ids', r'top-k .*num_experts=2\], got 3'),  # ids valid
     (X, IDS + 1, 4, 'topk_ids', r'in \[0, 4\)'),          # id 4 out of range
     (X, IDS - 1, 4, 'topk_ids', r'in \[0, 4\)'),          # id -1
     (X, IDS, 0, 'num_experts', 'positive'),

@@ -85,20 +85,29 @@ def kernelize(model: nn.Module, mapping: Optional[Dict[MappingKey, Any]] = None)
 def auto_mapping(model: nn.Module) -> Dict[MappingKey, Any]:
     """The automatic replacements for the module classes ``model`` contains.
 
-    MLPs whose activation is not SiLU are left alone (the fused MLP computes SwiGLU)."""
+    MLPs whose activation is not SiLU are left alone (the fused MLP computes SwiGLU), and so are MoE
+    experts that are not SwiGLU with [gate; up] concatenated: a class with one such module is kept
+    whole, since the replacement swaps every module of the class."""
     found: Dict[MappingKey, Any] = {}
+    kept_experts = set()
     for module in model.modules():
         cls = type(module)
         replacement = AUTO_MAPPING.get(f'{cls.__module__}.{cls.__qualname__}')
         if replacement is TwinkleSwiGLUMLP and not is_silu(module.act_fn):
             logger.info('kernelize: %s kept (activation %s is not SiLU)', cls.__name__, module.act_fn)
             continue
+        if replacement is TwinkleMoeExperts and cls not in kept_experts:
+            mismatch = TwinkleMoeExperts.swiglu_mismatch(module)
+            if mismatch:
+                logger.info('kernelize: %s kept (not SwiGLU experts with [gate; up] concatenated: %s)',
+                            cls.__name__, mismatch)
+                kept_experts.add(cls)
         if replacement is not None:
             found[cls] = replacement
             rope_path = f'{cls.__module__}.apply_rotary_pos_emb'
             if rope_path in AUTO_FUNCTIONS:
                 found[rope_path] = AUTO_FUNCTIONS[rope_path]
-    return found
+    return {key: value for key, value in found.items() if key not in kept_experts}
 
 
 def load_hub_layer(reference: str) -> Any:

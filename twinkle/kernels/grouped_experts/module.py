@@ -12,6 +12,8 @@ called, through a parametrization of ``gate_up_proj`` / ``down_proj``. Reading t
 through ``self`` inside ``forward`` is what makes the LoRA delta part of the computation; a block
 that read ``block.experts.gate_up_proj`` itself would silently bypass it.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -47,13 +49,19 @@ class TwinkleMoeExperts(nn.Module):
         expert_out = grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj)
         return moe_unpermute(expert_out, row_map, top_k_weights).to(hidden_states.dtype)
 
+    @staticmethod
+    def swiglu_mismatch(experts: nn.Module) -> Optional[str]:
+        """Why ``experts`` (HF's or ours) is not SwiGLU with [gate; up] concatenated and no bias, or
+        None. HF experts built with another activation, biases or a transposed / interleaved layout
+        compute something else, which this module must not silently replace."""
+        unsupported = [f'{name}={getattr(experts, name)}' for name, expected in SWIGLU_LAYOUT.items()
+                       if getattr(experts, name, expected) != expected]
+        if not is_silu(getattr(experts, 'act_fn', None)):
+            unsupported.append(f'act_fn={getattr(experts, "act_fn", None)!r}')
+        return ', '.join(unsupported) or None
+
     def _require_swiglu_layout(self) -> None:
-        """HF experts built with another activation, biases or a transposed / interleaved layout
-        compute something else: refuse rather than silently compute SwiGLU."""
-        unsupported = [f'{name}={getattr(self, name)}' for name, expected in SWIGLU_LAYOUT.items()
-                       if getattr(self, name, expected) != expected]
-        if not is_silu(self.act_fn):
-            unsupported.append(f'act_fn={self.act_fn!r}')
-        if unsupported:
+        mismatch = self.swiglu_mismatch(self)
+        if mismatch:
             raise ValueError(f'{type(self).__name__} computes SwiGLU experts with [gate; up] concatenated and no '
-                             f'bias; these experts have {", ".join(unsupported)}: do not replace them')
+                             f'bias; these experts have {mismatch}: do not replace them')
