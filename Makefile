@@ -33,6 +33,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(if $(FULL),--full)
 	$(PY) benchmarks/bench_packing.py $(if $(QUICK),--quick)
+	$(PY) benchmarks/bench_expert_parallel.py $(if $(QUICK),--quick)
 
 env: setup
 	$(PY) -m twinkle env

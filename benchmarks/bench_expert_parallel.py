@@ -11,9 +11,7 @@ times show compute plus gloo's copies, not what a network would cost. Writes
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -24,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness import BENCH_DIR
+from harness import whole_job_main
 
 RANKS, REPS = 2, 3
 SHAPES = {'default': dict(tokens=4096, hidden=1024, intermediate=512, experts=64, top_k=8),
@@ -88,14 +86,7 @@ def measure(quick: bool) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true')
-    parser.add_argument('--out', type=Path, default=BENCH_DIR)
-    args = parser.parse_args(argv)
-    result = measure(args.quick)
-    path = args.out / 'results' / 'training' / f'expert_parallel{"-quick" if args.quick else ""}.json'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    result = whole_job_main('expert_parallel', __doc__.splitlines()[0], measure, argv)
     for rank, figures in enumerate(result['ranks']):
         print(f"rank {rank}: all experts local {figures['local_ms']:.0f} ms, EP=2 {figures['ep_ms']:.0f} ms; "
               f"dispatch sent {figures['sent_bytes'] / 2**20:.1f} MiB = "

@@ -10,18 +10,15 @@ few long), the shape of real chat data that makes padding expensive.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
+from harness import whole_job_main
 
 
 def skewed_samples(count: int, max_length: int, vocab: int, seed: int = 0) -> List[Dict]:
@@ -89,16 +86,7 @@ def measure(quick: bool) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true')
-    parser.add_argument('--out', type=Path, default=BENCH_DIR)
-    args = parser.parse_args(argv)
-    result = measure(args.quick)
-    path = args.out / 'results' / 'training' / f'packing{"-quick" if args.quick else ""}.json'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    import run as runner
-    runner.write_report(args.out)  # RESULTS.md gets the training section
+    result = whole_job_main('packing', __doc__.splitlines()[0], measure, argv)
     rates = result['tokens_per_second']
     print(f"packing: padded {rates['padded']:.0f} tok/s (fill {result['padded_fill']:.0%}), "
           f"packed {rates['packed']:.0f} tok/s -> {result['speedup']:.2f}x", flush=True)

@@ -8,6 +8,7 @@ just before each case, so every ratio compares numbers taken side by side.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -253,3 +254,19 @@ if __name__ == '__main__':
     spec = json.loads(sys.argv[1])
     result = measure_variant(spec['op'], spec['case'], spec['variant'], Settings(**spec['settings']))
     print(json.dumps(result))
+
+
+def whole_job_main(name: str, description: str, measure: Callable[[bool], dict], argv=None) -> dict:
+    """Command line of a whole-job benchmark (packing, expert parallel): ``--quick``, ``--out``;
+    writes ``results/training/<name>[-quick].json`` and refreshes RESULTS.md."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--out', type=Path, default=BENCH_DIR)
+    args = parser.parse_args(argv)
+    result = measure(args.quick)
+    path = args.out / 'results' / 'training' / f'{name}{"-quick" if args.quick else ""}.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    import run as runner
+    runner.write_report(args.out)
+    return result

@@ -233,20 +233,44 @@ def _plot_ratio(case: dict, name: str, key: str, baseline: str) -> float:
 
 
 def render_training(paths: Iterable[Path]) -> str:
-    """Whole-training-step benchmarks (bench_packing.py): one table per results file."""
+    """Whole-job benchmarks (bench_packing.py, bench_expert_parallel.py): a section per results file."""
+    renderers = {'packing': _render_packing, 'expert_parallel': _render_expert_parallel}
     sections = []
     for path in map(Path, paths):
-        result = json.loads(path.read_text())
-        rates = result['tokens_per_second']
-        sections.append('\n'.join([
-            f'## Packing vs padded batching ({path.stem})', '',
-            f'{result["date"]}, {result["machine"]}, torch {result["torch"]}, {result["threads"]} threads, load '
-            f'average {result["load_average"]} at the start. Tiny Qwen3 training step (TransformersModel, '
-            f'kernels=auto), {result["samples"]} log-normal-length samples ({result["tokens"]} tokens), '
-            f'padded batches of {result["batch"]} ({result["padded_fill"]:.0%} of the padded slots are real '
-            f'tokens) vs {result["packed_rows"]} rows packed to {result["max_length"]} tokens, padding-free; '
-            f'median over {result["steps"]} steps.', '',
-            '| batching | non-pad tokens/s | ratio |', '|---|---|---|',
-            f'| padded | {rates["padded"]:.0f} | 1.00 |',
-            f'| packed | {rates["packed"]:.0f} | {result["speedup"]:.2f} |', '']))
+        kind = path.stem.replace('-quick', '')
+        if kind not in renderers:
+            raise ValueError(f'{path}: no renderer for whole-job results named {kind!r}')
+        sections.append(renderers[kind](path.stem, json.loads(path.read_text())))
     return ''.join('\n' + section for section in sections)
+
+
+def _render_packing(name: str, result: dict) -> str:
+    rates = result['tokens_per_second']
+    return '\n'.join([
+        f'## Packing vs padded batching ({name})', '',
+        f'{result["date"]}, {result["machine"]}, torch {result["torch"]}, {result["threads"]} threads, load '
+        f'average {result["load_average"]} at the start. Tiny Qwen3 training step (TransformersModel, '
+        f'kernels=auto), {result["samples"]} log-normal-length samples ({result["tokens"]} tokens), '
+        f'padded batches of {result["batch"]} ({result["padded_fill"]:.0%} of the padded slots are real '
+        f'tokens) vs {result["packed_rows"]} rows packed to {result["max_length"]} tokens, padding-free; '
+        f'median over {result["steps"]} steps.', '',
+        '| batching | non-pad tokens/s | ratio |', '|---|---|---|',
+        f'| padded | {rates["padded"]:.0f} | 1.00 |',
+        f'| packed | {rates["packed"]:.0f} | {result["speedup"]:.2f} |', ''])
+
+
+def _render_expert_parallel(name: str, result: dict) -> str:
+    shape = result['shape']
+    rows = [f'| {rank} | {r["local_ms"]:.0f} | {r["ep_ms"]:.0f} | {r["sent_bytes"] / 2**20:.1f} | '
+            f'{r["minimum_bytes"] / 2**20:.1f} | {ratio:.3f} |'
+            for rank, (r, ratio) in enumerate(zip(result['ranks'], result['dispatch_bytes_ratio']))]
+    return '\n'.join([
+        f'## Expert parallelism, 2 processes on gloo ({name})', '',
+        f'{result["date"]}, torch {result["torch"]}, load average {result["load_average"]} at the end. Qwen3-MoE '
+        f'sparse block (twinkle kernels), T={shape["tokens"]} tokens per rank, H={shape["hidden"]}, '
+        f'I={shape["intermediate"]}, E={shape["experts"]}, top-{shape["top_k"]}, fp32, forward+backward, fastest '
+        f'of 3, one thread per process (both share the 2 cores: EP times show compute plus gloo copies). '
+        f'Dispatch bytes: what a rank hands to the all-to-all vs routed rows x H x 4 bytes (no capacity '
+        f'padding, no duplicates); target 1.0.', '',
+        '| rank | all experts local (ms) | EP=2 (ms) | dispatch sent (MiB) | minimum (MiB) | ratio |',
+        '|---|---|---|---|---|---|', *rows, ''])

@@ -137,3 +137,20 @@ def test_moe_limit_keeps_the_faster_of_the_probes_before_and_after(bench):
     after = {'gemm_gflop_s': 150.0, 'limit_ms': 12.0, 'expert_gemms_ms': 35.0, 'fault_ms': 2.0}
     assert bench_moe._steadier_limit(before, after) == dict(after, expert_gemms_ms=30.0)
     assert bench_moe._steadier_limit(after, before) == dict(after, expert_gemms_ms=30.0)
+
+
+def test_whole_job_results_are_written_and_rendered(bench, tmp_path):
+    harness, _, run = bench
+    ranks = [{'local_ms': 10.0, 'ep_ms': 12.0, 'sent_bytes': 2.0 * 2**20, 'minimum_bytes': 2.0 * 2**20}] * 2
+    result = {'date': 'today', 'torch': '2.13.0', 'load_average': 1.0, 'ranks': ranks, 'dispatch_bytes_ratio': [1.0, 1.0],
+              'shape': dict(tokens=8, hidden=4, intermediate=2, experts=4, top_k=2)}
+    harness.whole_job_main('expert_parallel', 'test', lambda quick: dict(result, quick=quick),
+                           ['--quick', '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'results' / 'training' / 'expert_parallel-quick.json').read_text())
+    assert saved['quick'] is True
+    text = (tmp_path / 'RESULTS.md').read_text()
+    assert 'Expert parallelism, 2 processes on gloo (expert_parallel-quick)' in text
+    assert '| 1 | 10 | 12 | 2.0 | 2.0 | 1.000 |' in text
+    (tmp_path / 'results' / 'training' / 'unknown.json').write_text('{}')
+    with pytest.raises(ValueError, match="no renderer for whole-job results named 'unknown'"):
+        run.write_report(tmp_path)
