@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# NPROC=2 runs the same job under torchrun (gloo on CPU, nccl/hccl on accelerators) with expert parallelism.
-NPROC      ?= 1
+# The main job runs under torchrun on NPROC ranks (gloo on CPU, nccl/hccl on accelerators) with
+# expert parallelism over all of them; NPROC=1 runs it in one plain process.
+NPROC      ?= 2
 LAUNCH     := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
 train: setup

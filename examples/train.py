@@ -1,8 +1,8 @@
 """The main job: LoRA finetune of the embedded tiny Qwen3-MoE on the self-cognition data, offline.
 
-One process (`make train`, NPROC=1), or under torchrun (`make train NPROC=2`) with expert
-parallelism: each rank holds num_experts / ep_size experts of every MoE layer, tokens travel to
-their experts' owners and back by all-to-all, and FSDP2 shards the rest over all ranks.
+`make train` runs it under torchrun on 2 ranks with expert parallelism: each rank holds
+num_experts / ep_size experts of every MoE layer, tokens travel to their experts' owners and back
+by all-to-all, and FSDP2 shards the rest over all ranks. `make train NPROC=1`: one plain process.
 
 The seeds' training API end to end (Dataset -> Template -> DataLoader -> TransformersModel with a
 LoRA adapter on attention, MLP and expert parameters, AdamW, cosine warm-up), kernels chosen at
