@@ -19,7 +19,6 @@ def run_main_job(out: pathlib.Path, nproc: int) -> str:
     command = [sys.executable, *launcher, str(ROOT / 'examples' / 'train.py'), *ARGS,
                '--output', str(out / 'last-checkpoint')]
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu')
-    env.pop('TRITON_INTERPRET', None)  # CPU kernels; the interpreter only slows start-up
     done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout + done.stderr
@@ -72,7 +71,6 @@ def test_ep_checkpoint_loads_back_into_an_expert_parallel_transformers_model(mai
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                '-m', 'tests.model.ep_reload_job', str(out / 'last-checkpoint'), str(tmp_path)]
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu')
-    env.pop('TRITON_INTERPRET', None)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     base = AutoModelForCausalLM.from_pretrained(assets.tiny_model_path('qwen3_moe'))

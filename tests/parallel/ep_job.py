@@ -130,7 +130,6 @@ def launch(nproc: int, out: Path, job: str = 'tests.parallel.ep_job', *args: str
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                '-m', job, str(out), *args]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TWINKLE_LOG_LEVEL': 'WARNING', 'TWINKLE_DEVICE': 'cpu'}
-    env.pop('TRITON_INTERPRET', None)  # the job runs CPU kernels; under the interpreter its first call takes ~45 s
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f'{job} on {nproc} ranks failed ({done.returncode}):\n{done.stderr[-4000:]}')
