@@ -60,14 +60,13 @@ def test_checkpoint_holds_every_experts_adapter_and_loads_on_one_process(main_jo
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize('main_job', [2], indirect=True, ids=['ep2'])
 def test_ep_checkpoint_loads_back_into_an_expert_parallel_transformers_model(main_job, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from .ep_reload_job import PROBE
-    nproc, out, _ = main_job
-    if nproc == 1:
-        pytest.skip('the two-rank run covers loading under EP')
+    _, out, _ = main_job
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                '-m', 'tests.model.ep_reload_job', str(out / 'last-checkpoint'), str(tmp_path)]
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu')
