@@ -29,7 +29,9 @@ LR, MOMENTUM = 0.5, 0.9  # large steps: the weights move far beyond the toleranc
 MAX_NORM = 0.5  # below the tiny model's gradient norms in full training: clipping acts there
 LORA = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
             target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'])
-KINDS = ('full', 'lora', 'forced')  # forced: every token picks experts 0 and 1, so EP rank 1 gets none
+# forced: every token picks experts 0 and 1, so EP rank 1 gets none; bf16: full training with FSDP's
+# bf16 compute policy (fp32 weights, gradients reduced in fp32) against the fp32 twin
+KINDS = ('full', 'lora', 'forced', 'bf16')
 
 
 def batches() -> torch.Tensor:
@@ -98,11 +100,11 @@ def expert_parallel(kind: str, mesh, twin: dict) -> dict:
     if kind == 'lora':
         model = add_lora(model)
     model.load_state_dict(shard_expert_state_dict(model, twin['start']))
-    model = parallelize(model, mesh)
+    model = parallelize(model, mesh, mixed_precision='bf16' if kind == 'bf16' else None)
     rows = slice(mesh.data_rank, None, mesh.data_world_size)
     result = train(model, rows, clip_grad_norm_, all_reduce_sum)
     expected_rows = twin['logits'][rows]
-    compared = {'logits': (result['logits'], expected_rows)}
+    compared = {'logits': (result['logits'].float(), expected_rows)}
     for what in ('grads', 'weights'):
         expected = shard_expert_state_dict(model, twin[what])
         compared.update({f'{what}:{name}': (value, expected[name]) for name, value in result[what].items()})

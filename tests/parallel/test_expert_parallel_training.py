@@ -1,6 +1,7 @@
 """Training the tiny Qwen3-MoE with expert parallelism equals one process: EP=2 on 2 ranks,
-EP=2 x FSDP=2 and HSDP dp=2 x EP=2 on 4 (gloo, CPU); full-parameter, LoRA (attention + expert parameters) and a routing
-that sends every token to EP rank 0's experts. 3 steps with clipping (acting in full training)."""
+EP=2 x FSDP=2 and HSDP dp=2 x EP=2 on 4 (gloo, CPU); full-parameter, LoRA (attention + expert
+parameters), a routing that sends every token to EP rank 0's experts, and bf16 compute against the
+fp32 process (stated tolerances). 3 steps with clipping (acting in full training)."""
 import pytest
 import torch
 
@@ -8,6 +9,9 @@ from .ep_job import build_model, launch
 from .ep_train_job import KINDS
 
 RTOL = 1e-5  # relative to each tensor's scale; fp32 on both sides, only summation orders differ
+# bf16 compute (FSDP policy) against the fp32 twin, relative to each tensor's scale; measured worst on
+# 2 ranks: logits 5e-3, gradients 1.8e-2, weights after 3 steps 3e-3, loss sums 4e-3, norms 3e-3
+BF16_RTOL = {'logits': 1e-2, 'grads': 4e-2, 'weights': 1e-2, 'loss': 1e-2, 'grad_norm': 1e-2}
 
 
 @pytest.fixture(scope='module', params=[(2, 'fsdp'), (4, 'fsdp'), (4, 'dp')], ids=['ep2', 'ep2xfsdp2', 'dp2xep2'])
@@ -17,10 +21,14 @@ def ranks(request, tmp_path_factory):
     return out, launch(nproc, out, 'tests.parallel.ep_train_job', other_dim)
 
 
-def assert_scaled_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def assert_scaled_close(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> None:
     assert got.shape == expected.shape, what
-    atol = RTOL * float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=atol, msg=what)
+    atol = rtol * float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=what)
+
+
+def tolerance(kind: str, what: str) -> float:
+    return BF16_RTOL[what.split(':')[0]] if kind == 'bf16' else RTOL
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -30,7 +38,7 @@ def test_logits_gradients_and_updated_weights_equal_one_process(ranks, kind):
         compared = result[kind]['compared']
         assert {name.split(':')[0] for name in compared} == {'logits', 'grads', 'weights'}
         for what, (got, expected) in compared.items():
-            assert_scaled_close(got, expected, f'rank {rank} {kind} {what}')
+            assert_scaled_close(got, expected, f'rank {rank} {kind} {what}', tolerance(kind, what))
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -38,7 +46,8 @@ def test_loss_and_clipped_norm_trajectories_equal_one_process(ranks, kind):
     _, results = ranks
     for result in results:
         for key, (got, expected) in result[kind]['trajectory'].items():
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=RTOL, atol=0, msg=key)
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=tolerance(kind, key), atol=0,
+                                       msg=key)
     assert results[0]['full']['trajectory']['grad_norm'][0][0] > 0.5  # MAX_NORM: clipping acted
 
 
