@@ -79,8 +79,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
         if isinstance(module, FSDPModule):  # plain sums: the token normalisation divides later
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-    flavour = ('HSDP: replicate over dp, shard over fsdp' if mesh.size('dp') > 1 and mesh.size('fsdp') > 1
-               else 'replicate over dp' if mesh.size('dp') > 1 else 'shard over fsdp')
+    sharded = ' x '.join(dim for dim in ('fsdp', 'ep') if mesh.size(dim) > 1)
+    flavour = ', '.join(part for part in ('replicate over dp' if mesh.size('dp') > 1 else '',
+                                          f'shard over {sharded}' if sharded else '') if part)
+    if mesh.size('dp') > 1 and sharded:
+        flavour = f'HSDP: {flavour}'
     if units:
         flavour += f'; {len(units)} expert units over the EP-complement (fsdp={mesh.size("fsdp")})'
     logger.info('parallelize: FSDP2 over %s (%s), %d x %s + root, compute dtype %s', mesh.describe_sizes(),
