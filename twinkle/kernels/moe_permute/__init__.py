@@ -16,16 +16,15 @@ from .. import registry
 from ..checks import require_same_device, require_size, require_tensor
 from ..registry import Impl
 
-registry.register(
-    'moe_permute',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',)),
-        'triton': registry.TRITON,
-        'npu': registry.NPU,
-    },
-    priority={**registry.DEFAULT_PRIORITY, 'cuda': ['triton', 'reference']},
-)
+# Dispatch and combine (moe_unpermute) come as a pair: the same backends, the same preferences.
+ROUTING_IMPLS = {
+    'reference': registry.REFERENCE,
+    'cpu': Impl('cpu', devices=('cpu',)),
+    'triton': registry.TRITON,
+    'npu': registry.NPU,
+}
+ROUTING_PRIORITY = {**registry.DEFAULT_PRIORITY, 'cuda': ['triton', 'reference']}
+registry.register('moe_permute', impls=ROUTING_IMPLS, priority=ROUTING_PRIORITY)
 
 
 def require_integer(name: str, value: torch.Tensor) -> None:

@@ -12,19 +12,9 @@ import torch
 
 from .. import registry
 from ..checks import require_same_device, require_size, require_tensor
-from ..moe_permute import require_integer
-from ..registry import Impl
+from ..moe_permute import ROUTING_IMPLS, ROUTING_PRIORITY, require_integer
 
-registry.register(
-    'moe_unpermute',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',)),
-        'triton': registry.TRITON,
-        'npu': registry.NPU,
-    },
-    priority={**registry.DEFAULT_PRIORITY, 'cuda': ['triton', 'reference']},
-)
+registry.register('moe_unpermute', impls=ROUTING_IMPLS, priority=ROUTING_PRIORITY)
 
 
 def moe_unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor, *,
