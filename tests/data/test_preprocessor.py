@@ -16,7 +16,8 @@ def run(preprocessor, rows):
 def test_self_cognition_fills_both_placeholder_spellings():
     (trajectory,) = run(SelfCognitionProcessor('Twinkle', 'ModelScope'),
                         [{'query': 'Is {name} yours, {{AUTHOR}}?', 'response': 'I am {{NAME}} by {author}.'}])
-    assert trajectory['messages'] == [{'role': 'user', 'content': 'Is Twinkle yours, ModelScope?'},
+    assert trajectory['messages'] == [{'role': 'system', 'content': 'You are a helpful assistant.'},
+                                      {'role': 'user', 'content': 'Is Twinkle yours, ModelScope?'},
                                       {'role': 'assistant', 'content': 'I am Twinkle by ModelScope.'}]
 
 
@@ -72,3 +73,46 @@ def test_filter_subclass():
     dataset = Dataset(rows=[{'text': 'a'}, {'text': 'long'}, {'text': 'ok'}])
     dataset.filter(Short())
     assert [row['text'] for row in dataset] == ['a', 'ok']
+
+
+class UpstreamStyle(Preprocessor):
+    """Written to upstream Twinkle's documented contract: columnar batch in, columnar batch out,
+    rows it cannot use dropped."""
+
+    def __call__(self, rows):
+        rows = self.map_col_to_row(rows)
+        kept = [{'messages': [{'role': 'user', 'content': row['q']}, {'role': 'assistant', 'content': row['a']}]}
+                for row in rows if row['a']]
+        return self.map_row_to_col(kept)
+
+
+def test_an_upstream_style_preprocessor_is_called_on_batches_and_may_drop_rows():
+    rows = [{'q': f'q{i}', 'a': '' if i % 3 == 0 else f'a{i}'} for i in range(7)]
+    dataset = Dataset(rows=rows)
+    dataset.map(UpstreamStyle(), batch_size=4)
+    assert dataset.dataset.column_names == ['messages']
+    assert [row['messages'][0]['content'] for row in dataset] == ['q1', 'q2', 'q4', 'q5']
+
+
+def test_preprocess_returning_none_drops_the_row(twinkle_logs):
+    class KeepEven(Preprocessor):
+        def preprocess(self, row):
+            return None if row['n'] % 2 else {'messages': [{'role': 'user', 'content': str(row['n'])}]}
+
+    dataset = Dataset(rows=[{'n': n} for n in range(5)])
+    dataset.map(KeepEven())
+    assert [row['messages'][0]['content'] for row in dataset] == ['0', '2', '4']
+    assert any('KeepEven dropped 2 of 5 rows' in r.getMessage() for r in twinkle_logs.records)
+
+
+def test_a_plain_function_is_called_on_batches_and_its_columns_are_merged():
+    batch_sizes = []
+
+    def add_length(batch):
+        batch_sizes.append(len(batch['text']))
+        return {'length': [len(text) for text in batch['text']]}
+
+    dataset = Dataset(rows=[{'text': 'x' * n} for n in range(1, 6)])
+    dataset.map(add_length, batch_size=2)
+    assert batch_sizes == [2, 2, 1]  # batched, as upstream
+    assert [(row['text'], row['length']) for row in dataset] == [('x' * n, n) for n in range(1, 6)]

@@ -218,7 +218,7 @@ def test_torch_compile_fullgraph(op, inputs):
 def unloaded(monkeypatch, tmp_path):
     """The loader as in a fresh process, building into an empty cache."""
     monkeypatch.setattr(native, '_state', {})
-    monkeypatch.setenv('TWINKLE_CACHE_DIR', str(tmp_path))
+    monkeypatch.setenv('TWINKLE_CACHE', str(tmp_path))
     return tmp_path
 
 

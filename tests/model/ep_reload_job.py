@@ -33,4 +33,5 @@ def main(checkpoint: str, out: str) -> None:
 
 
 if __name__ == '__main__':
-    main(*sys.argv[1:])
+    from tests.torchrun_job import run
+    run(main, *sys.argv[1:])

@@ -37,5 +37,9 @@ def main(out: str, lora: bool) -> None:
             json.dump(losses, handle)
 
 
-if __name__ == '__main__':
-    main(sys.argv[1], lora=sys.argv[2] == 'lora')
+if __name__ == '__main__':  # launched by path (tests/ is not importable): the teardown is written out
+    try:
+        main(sys.argv[1], lora=sys.argv[2] == 'lora')
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

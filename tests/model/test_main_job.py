@@ -10,16 +10,22 @@ import torch
 
 from twinkle import assets
 
+pytestmark = pytest.mark.slow  # whole torchrun jobs: make test-quick leaves them out
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARGS = ['--samples', '16', '--epochs', '1', '--batch-size', '8']  # 2 optimizer steps
 
 
-def run_main_job(out: pathlib.Path, nproc: int) -> str:
+def run_main_job(out: pathlib.Path, nproc: int, cache: pathlib.Path = None) -> str:
+    """``cache``: a TWINKLE_CACHE for the job (an empty one: first use, assets and C++ kernels built by
+    both ranks at once)."""
     launcher = [] if nproc == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     command = [sys.executable, *launcher, str(ROOT / 'examples' / 'train.py'), *ARGS,
                '--output', str(out / 'last-checkpoint')]
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu')
-    done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    if cache is not None:
+        env['TWINKLE_CACHE'] = str(cache)
+    done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout + done.stderr
 
@@ -27,13 +33,16 @@ def run_main_job(out: pathlib.Path, nproc: int) -> str:
 @pytest.fixture(scope='module', params=[1, 2], ids=['one_process', 'ep2'])
 def main_job(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f'main{request.param}')
-    return request.param, out, run_main_job(out, request.param)
+    cache = tmp_path_factory.mktemp('empty-cache') if request.param == 2 else None
+    return request.param, out, run_main_job(out, request.param, cache)
 
 
 def test_main_job_trains_summarises_and_saves(main_job):
     nproc, out, output = main_job
     assert 'loss: first' in output and 'trained tokens/s' in output
     assert ('ep_size=2' if nproc == 2 else 'one process') in output
+    assert "held-out question: 'What is your name?'" in output
+    assert 'before training:' in output and 'after training:' in output
     assert output.count(' MiB') >= nproc and 'peak memory per rank' in output
     for op in ('moe_permute', 'grouped_experts', 'moe_unpermute', 'fused_linear_cross_entropy', 'rms_norm'):
         assert op in output.split('kernels:')[1], op

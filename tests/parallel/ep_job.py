@@ -137,4 +137,5 @@ def launch(nproc: int, out: Path, job: str = 'tests.parallel.ep_job', *args: str
 
 
 if __name__ == '__main__':
-    main(*sys.argv[1:])
+    from tests.torchrun_job import run
+    run(main, *sys.argv[1:])

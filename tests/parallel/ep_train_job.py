@@ -174,4 +174,5 @@ def main(out: str, other_dim: str = 'fsdp') -> None:
 
 
 if __name__ == '__main__':
-    main(*sys.argv[1:])
+    from tests.torchrun_job import run
+    run(main, *sys.argv[1:])

@@ -8,7 +8,7 @@ from twinkle.parallel.expert_parallel import apply_expert_parallel
 
 from .ep_job import build_model, launch, single_process
 
-RTOL, ATOL = 1e-5, 1e-7  # fp32 on both sides; only summation orders differ
+RTOL = 1e-5  # fp32 on both sides; only summation orders differ: relative to each tensor's scale
 RANKS = 2
 
 
@@ -20,14 +20,22 @@ def ep_ranks(tmp_path_factory):
 def assert_matches_single_process(results, expected):
     torch.testing.assert_close(sum(r['loss_sum'] for r in results), expected['loss_sum'], rtol=RTOL, atol=0)
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result['logits'], expected['logits'][rank::RANKS], rtol=RTOL, atol=ATOL)
+        assert_close_to_scale(result['logits'], expected['logits'][rank::RANKS], 'logits')
         assert set(result['grads']) == set(expected['grads'])
         for name, grad in result['grads'].items():
             full = expected['grads'][name]
             if name in result['expert_grad_names']:
                 first, local = result['first_experts'][0], result['local_experts'][0]
                 full = full[first:first + local]
-            torch.testing.assert_close(grad, full, rtol=RTOL, atol=ATOL, msg=name)
+            assert_close_to_scale(grad, full, name)
+
+
+def assert_close_to_scale(actual, expected, name):
+    """max |actual - expected| <= RTOL x max |expected| (an absolute bound on fp32 logits flakes)."""
+    assert actual.shape == expected.shape, name
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    error = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    assert error <= RTOL * scale, f'{name}: max error {error:.3g} > {RTOL} x scale {scale:.3g}'
 
 
 def test_each_rank_holds_its_half_of_the_experts(ep_ranks):

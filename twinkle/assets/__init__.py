@@ -1,10 +1,14 @@
 """Offline assets: tiny Qwen3 / Qwen3-MoE model directories and a self-cognition dataset.
 
 Nothing large is committed. A model directory (config, seeded random weights, Qwen's tokenizer
-with a ChatML template) is materialised on first use under ``$TWINKLE_CACHE`` (default
-``~/.cache/twinkle``) and loads with ``AutoConfig`` / ``AutoTokenizer`` /
+with a ChatML template) is materialised on first use under ``$TWINKLE_CACHE/assets`` (default
+``~/.cache/twinkle/assets``) and loads with ``AutoConfig`` / ``AutoTokenizer`` /
 ``AutoModelForCausalLM.from_pretrained(path)`` with no network. The cache key hashes everything
 that shapes the files, so editing a config below rebuilds instead of reusing stale files.
+
+Building never depends on torch.distributed: the files are written by the calling process itself
+(not ``save_pretrained``, which since transformers 5.24 writes weights on rank 0 only), one builder at
+a time, and a directory missing any file of its manifest is rebuilt (``twinkle.utils.cache``).
 
     from twinkle import assets
     path = assets.tiny_model_path('qwen3')        # or 'qwen3_moe'
@@ -14,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from twinkle.utils import cache
 from twinkle.utils.logger import get_logger
 
 from .tokenizer import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, qwen_token_id, save_qwen_tokenizer
@@ -45,8 +48,13 @@ def tiny_model_path(name: str = 'qwen3') -> str:
     """A local directory holding the tiny ``name`` model, built on first use (seeded, deterministic)."""
     if name not in TINY_MODELS:
         raise ValueError(f'name must be one of {", ".join(TINY_MODELS)}, got {name!r}')
-    spec = TINY_MODELS[name]
-    return str(_materialise(f'{name}-{_fingerprint(spec, SEED)}', lambda d: _save_model(d, spec)))
+    directory = model_directory(name)
+    return str(cache.materialise(directory, lambda d: _save_model(d, TINY_MODELS[name]), f'offline asset {name}'))
+
+
+def model_directory(name: str) -> Path:
+    """Where ``tiny_model_path(name)`` keeps its files (nothing is built)."""
+    return cache_dir() / f'{name}-{_fingerprint(TINY_MODELS[name], SEED)}'
 
 
 def self_cognition_path() -> str:
@@ -55,45 +63,39 @@ def self_cognition_path() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get('TWINKLE_CACHE', Path.home() / '.cache' / 'twinkle')) / 'assets'
+    return cache.entry('assets')
 
 
 def _tokenizer_dir() -> Path:
-    return _materialise(f'qwen-tokenizer-{_fingerprint({}, None)}',
-                        lambda d: save_qwen_tokenizer(str(d), MAX_POSITIONS))
+    return cache.materialise(cache_dir() / f'qwen-tokenizer-{_fingerprint({}, None)}',
+                             lambda d: save_qwen_tokenizer(str(d), MAX_POSITIONS), 'the offline Qwen tokenizer')
 
 
 def _save_model(directory: Path, spec: dict) -> None:
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     config_kwargs = dict(spec)
     config = AutoConfig.for_model(config_kwargs.pop('model_type'), **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    save_file(_untied_state_dict(model), directory / 'model.safetensors', metadata={'format': 'pt'})
     tokenizer = _tokenizer_dir()
     for file in _TOKENIZER_FILES:
         shutil.copy(tokenizer / file, directory / file)
 
 
-def _materialise(key: str, build) -> Path:
-    """Build into a temporary sibling and rename: concurrent first uses never see half a directory."""
-    target = cache_dir() / key
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info('building offline asset %s (first use)', target)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{key}-', dir=target.parent))
-    try:
-        build(staging)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():  # a concurrent builder winning the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+def _untied_state_dict(model) -> dict:
+    """One entry per storage (a tied lm_head is the embedding: kept under the embedding's name, first)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.contiguous()
+    return state
 
 
 def _fingerprint(spec: dict, seed) -> str:

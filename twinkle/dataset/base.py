@@ -98,14 +98,17 @@ class Dataset(torch.utils.data.Dataset):
     def map(self, preprocess: Union[Preprocessor, Type[Preprocessor], str, Callable],
             dataset_meta: Optional[DatasetMeta] = None, init_args: Optional[Dict[str, Any]] = None,
             **map_kwargs) -> None:
-        """Apply a Preprocessor (instance, class or name; raw columns are replaced by the trajectory)
-        or any ``datasets.map`` function to every source, or to ``dataset_meta``'s only."""
+        """Apply a Preprocessor (instance, class or name) or any function to every source, or to
+        ``dataset_meta``'s only. Both are called on columnar batches, as upstream Twinkle does
+        (``batched=True`` unless ``map_kwargs`` says otherwise). A Preprocessor's output replaces the
+        raw columns and may hold fewer rows; a plain function's output columns are merged into the rows
+        (pass ``remove_columns=`` to drop the raw ones), as ``datasets.map`` does."""
         if callable(preprocess) and not isinstance(preprocess, (Preprocessor, type, str)):
-            self._apply(dataset_meta, lambda ds: ds.map(preprocess, **_uncached(ds, map_kwargs)))
+            self._apply(dataset_meta, lambda ds: ds.map(preprocess, **{'batched': True, **_uncached(ds, map_kwargs)}))
             return
         preprocessor = _construct(preprocess, Preprocessor, PREPROCESSORS, 'preprocessor', init_args or {})
         self._apply(dataset_meta, lambda ds: ds.map(
-            preprocessor, batched=True, with_indices=True, remove_columns=ds.column_names,
+            preprocessor, batched=True, with_indices=preprocessor.takes_indices(), remove_columns=ds.column_names,
             **_uncached(ds, map_kwargs)))
 
     def filter(self, keep: Callable[[Dict[str, Any]], bool], dataset_meta: Optional[DatasetMeta] = None,

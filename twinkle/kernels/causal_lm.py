@@ -6,7 +6,12 @@ for the loss: with Qwen's 152k vocabulary that is the largest activation of a tr
 position, catches the decoder's last hidden states, and computes the loss from them and
 ``lm_head.weight`` without logits. Model-specific extras of the stock forward (router aux loss
 of MoE models) are kept. Logits are still built when asked for (``skip_logits=False``), in eval
-mode, or when the head is not a plain ``nn.Linear`` (e.g. LoRA on lm_head).
+mode, or when the head is neither a plain ``nn.Linear`` nor a LoRA-wrapped one.
+
+A LoRA adapter on lm_head stays fused, exactly: ``h W^T + s (A x) B^T`` with ``x = dropout(h)`` is
+one linear map of the widened input ``[h, s A x]`` by the widened weight ``[W, B]`` (vocab x
+(hidden + r)), so fused linear cross-entropy takes it as it is; autograd reaches A and B through the
+concatenations. Only a rank-r column block is added, never the logits.
 """
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ class TwinkleCausalLMLoss(nn.Module):
     def _fused_loss(self, hidden, shift_labels, num_items_in_batch):
         from .fused_linear_cross_entropy import fused_linear_cross_entropy
         reduction = 'mean' if num_items_in_batch is None else 'sum'
-        weight, bias = self.lm_head.weight, self.lm_head.bias
+        hidden, weight, bias = _widened_head(self.lm_head, hidden)
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):  # what autocast would have done to lm_head's matmul
             dtype = torch.get_autocast_dtype(device_type)
@@ -75,7 +80,7 @@ class TwinkleCausalLMLoss(nn.Module):
         return loss if num_items_in_batch is None else loss / num_items_in_batch
 
     def _head_is_fusable(self, kwargs) -> bool:
-        if type(self.lm_head) is not nn.Linear:
+        if not (type(self.lm_head) is nn.Linear or _is_plain_lora_linear(self.lm_head)):
             if not getattr(self, '_twinkle_warned_head', False):
                 logger.warning('fused loss skipped: lm_head is %s, not nn.Linear; logits are built',
                                type(self.lm_head).__name__)
@@ -83,3 +88,32 @@ class TwinkleCausalLMLoss(nn.Module):
             return False
         logits_to_keep = kwargs.get('logits_to_keep', 0)
         return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
+def _is_plain_lora_linear(module: nn.Module) -> bool:
+    """A peft LoRA layer over an ``nn.Linear``, without the variants that are not one linear map (DoRA,
+    a LoRA bias, merged or disabled adapters are left to the stock path)."""
+    base = getattr(module, 'base_layer', None)
+    if type(base) is not nn.Linear or not hasattr(module, 'lora_A') or getattr(module, 'merged', False):
+        return False
+    if getattr(module, 'disable_adapters', False):
+        return False
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    return all(not module.use_dora.get(name, False) and module.lora_B[name].bias is None
+               and type(module.lora_A[name]) is nn.Linear for name in active)
+
+
+def _widened_head(head: nn.Module, hidden: torch.Tensor):
+    """``(hidden, weight, bias)`` of one linear map equal to ``head`` (a Linear, or LoRA over a Linear)."""
+    if type(head) is nn.Linear:
+        return hidden, head.weight, head.bias
+    base = head.base_layer
+    inputs, weights = [hidden], [base.weight]
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        lora_a = head.lora_A[name]
+        projected = F.linear(head.lora_dropout[name](hidden.to(lora_a.weight.dtype)), lora_a.weight)
+        inputs.append((projected * head.scaling[name]).to(hidden.dtype))
+        weights.append(head.lora_B[name].weight.to(base.weight.dtype))
+    return torch.cat(inputs, dim=-1), torch.cat(weights, dim=1), base.bias

@@ -2,9 +2,11 @@
 
 The extension registers torch ops under ``torch.ops.twinkle_cpu``; each op's ``cpu.py`` adds their
 fake kernels and autograd. It is compiled once per torch version, CPU vector ISA and source
-contents into ``$TWINKLE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinkle`` or ``~/.cache/twinkle``)
-``/extensions/<torch version>-<isa>-<hash>``, then loaded from there. A missing compiler or a
-failed build is not an error: ``cpu_check`` returns the reason and the registry falls back.
+contents into ``$TWINKLE_CACHE/extensions/<torch version>-<isa>-<hash>`` (``twinkle.utils.cache``),
+then loaded from there. One process builds at a time (the others wait, within a bounded time); the
+library is recorded in a manifest after it loaded, and a library without one (a build killed
+mid-link) is rebuilt, never loaded. A missing compiler or a failed build is not an error:
+``cpu_check`` returns the reason and the registry falls back.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from twinkle.utils import cache
 from twinkle.utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -25,6 +28,8 @@ logger = get_logger(__name__)
 EXTENSION_NAME = 'twinkle_cpu_kernels'
 SOURCE_DIR = Path(__file__).resolve().parents[1] / '_csrc'  # in a checkout a link to the top-level csrc/
 ERROR_LOG = 'build-error.log'
+LIBRARY = f'{EXTENSION_NAME}.so'
+LOCK = 'build.flock'
 
 # Flags for ATen's Vectorized<T> per ISA torch itself dispatches to (as torch.compile's C++ code uses).
 _ISA_FLAGS = {
@@ -52,14 +57,12 @@ def require() -> None:
 
 def build_directory() -> Path:
     """Where this torch/ISA/source combination is built and cached."""
-    cache_home = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    root = os.environ.get('TWINKLE_CACHE_DIR') or Path(cache_home) / 'twinkle'
     digest = hashlib.sha256()
     for path in _source_files():
         digest.update(path.name.encode() + b'\0' + path.read_bytes() + b'\0')
     digest.update(' '.join(_cflags() + [_compiler()]).encode())
     isa = torch.backends.cpu.get_cpu_capability().lower()
-    return Path(root) / 'extensions' / f'{torch.__version__}-{isa}-{digest.hexdigest()[:16]}'
+    return cache.entry('extensions', f'{torch.__version__}-{isa}-{digest.hexdigest()[:16]}')
 
 
 def _compiler() -> str:
@@ -83,16 +86,23 @@ def _build_and_load() -> Optional[str]:
         return f'no C++ compiler {_compiler()!r} on PATH (install g++, or set CXX)'
     if not cpp_extension.is_ninja_available():
         return 'the build needs ninja: pip install ninja'
-    directory = build_directory()
+    try:
+        directory = build_directory()
+    except PermissionError as error:  # an unwritable cache: say so, fall back
+        return str(error)
     try:
         with _exclusive_build(directory):
             started = time.perf_counter()
-            built = (directory / f'{EXTENSION_NAME}.so').exists()  # by us earlier, or by the rank we waited for
+            built = _complete_build(directory)  # by us earlier, or by the rank we waited for
             if not built:
                 logger.info('building the native CPU kernels into %s (once; takes about a minute)', directory)
             cpp_extension.load(name=EXTENSION_NAME, sources=[str(p) for p in _source_files() if p.suffix == '.cpp'],
                                extra_cflags=_cflags(), extra_ldflags=['-fopenmp'], build_directory=str(directory),
                                is_python_module=False, verbose=False)
+            if not built:
+                cache.write_manifest(directory, only=lambda name: name == LIBRARY)
+    except cache.CacheLockTimeout as error:
+        return str(error)
     except Exception as error:  # noqa: BLE001  (any build or load failure means: fall back)
         log = directory / ERROR_LOG
         with contextlib.suppress(OSError):
@@ -109,21 +119,27 @@ def _summary(error: Exception) -> str:
     return next((line for line in lines if ': error:' in line or ': fatal error:' in line), lines[0])[:300]
 
 
+def _complete_build(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished build; leftovers of an unfinished one are removed."""
+    problem = cache.verify_manifest(directory, only=lambda name: name == LIBRARY)
+    if problem is None:
+        return True
+    if (directory / LIBRARY).exists():
+        logger.warning('the native CPU kernels in %s are incomplete (%s): rebuilding them', directory, problem)
+        for path in directory.iterdir():
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return False
+
+
 @contextlib.contextmanager
 def _exclusive_build(directory: Path) -> Iterator[None]:
-    """One builder at a time across processes (torchrun ranks share the cache).
+    """One builder at a time across processes (torchrun ranks share the cache), waiting a bounded time.
 
     cpp_extension's own baton (a ``lock`` file in the build directory) already makes other
     processes wait, but a builder killed mid-build leaves that file behind and everyone then waits
     forever. An flock dies with its holder, so while we hold it a leftover baton can only be stale.
     """
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / 'build.flock', 'w') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            (directory / 'lock').unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with cache.exclusive(directory / LOCK, f'the native CPU kernels in {directory}'):
+        (directory / 'lock').unlink(missing_ok=True)
+        yield

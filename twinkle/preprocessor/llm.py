@@ -12,10 +12,12 @@ class SelfCognitionProcessor(Preprocessor):
     """``query`` / ``response`` rows about the assistant itself, with its name and author filled in.
 
     Placeholders are ``{name}`` / ``{author}`` (the shipped asset) and ``{{NAME}}`` / ``{{AUTHOR}}``
-    (the ``swift/self-cognition`` hub dataset), so either source trains the same identity.
+    (the ``swift/self-cognition`` hub dataset), so either source trains the same identity. As
+    upstream, each trajectory starts with the default system message.
     """
 
     required_fields = ('query', 'response')
+    system = 'You are a helpful assistant.'
 
     def __init__(self, model_name: str, model_author: str):
         self.replacements = {'{{NAME}}': model_name, '{{AUTHOR}}': model_author,
@@ -27,7 +29,8 @@ class SelfCognitionProcessor(Preprocessor):
         return text
 
     def preprocess(self, row: Dict[str, Any]) -> Trajectory:
-        return Trajectory(messages=[{'role': 'user', 'content': self.fill(row['query'])},
+        return Trajectory(messages=[{'role': 'system', 'content': self.system},
+                                    {'role': 'user', 'content': self.fill(row['query'])},
                                     {'role': 'assistant', 'content': self.fill(row['response'])}])
 
 
