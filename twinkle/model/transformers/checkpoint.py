@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from twinkle.utils.io import atomic_directory
+from twinkle.utils.io import atomic_directory, recover
 
 TRAINER_STATE = 'trainer_state.pt'
 
@@ -38,6 +38,7 @@ def load(model: nn.Module, path: str, *, adapter: Optional[str],
     """Load weights into ``model`` in place; returns the trainer state if the checkpoint has one.
     ``prepare`` maps the weights as read (e.g. to this rank's expert slices) before they are set."""
     from safetensors.torch import load_file
+    recover(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f'no checkpoint directory at {path}')
     if adapter is not None:

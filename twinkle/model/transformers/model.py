@@ -23,8 +23,9 @@ from twinkle.model.base import TwinkleModel
 from twinkle.model.optim import build_optimizer, build_scheduler
 from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
-from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, clip_grad_norm_, collective, global_mesh,
-                              load_sharded, parallelize, save_full_state_dict, save_sharded, scale_gradients_)
+from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, checkpoint_directory, clip_grad_norm_, collective,
+                              global_mesh, load_sharded, parallelize, recover_checkpoint, scale_gradients_, write_full_state_dict,
+                              write_sharded)
 from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
 from twinkle.utils.logger import get_logger
 
@@ -269,15 +270,20 @@ class TransformersModel(TwinkleModel):
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
              adapter_name: Optional[str] = None) -> str:
-        """Write a Hugging Face (full) or peft (adapter) checkpoint; returns its directory."""
+        """Write a Hugging Face (full) or peft (adapter) checkpoint; returns its directory.
+
+        The checkpoint is written whole into a staging directory and then replaces ``path`` in one
+        step (under torchrun: the full weights and the ``sharded/`` resume state together), so a
+        crash during the save leaves the previous checkpoint at ``path`` intact."""
         state = self._state(adapter_name)
         path = os.path.join(output_dir, name) if output_dir else name
         if self.distributed:
             self._ensure_parallel()
-            save_full_state_dict(self.model, path)
-            if save_optimizer:
-                save_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer,
-                             extra_state=state.trainer_state(include_optimizer=False))
+            with checkpoint_directory(path) as staging:
+                write_full_state_dict(self.model, staging)
+                if save_optimizer:
+                    write_sharded(os.path.join(staging, SHARDED_STATE), self.model, state.optimizer,
+                                  extra_state=state.trainer_state(include_optimizer=False))
             return path
         tokenizer = self.template.tokenizer if self.template is not None else None
         checkpoint.save(self.model, path, adapter=state.name or None, tokenizer=tokenizer,
@@ -291,6 +297,7 @@ class TransformersModel(TwinkleModel):
         path = os.path.join(output_dir, name) if output_dir else name
         if self.distributed:
             self._ensure_parallel()
+            recover_checkpoint(path)
             if load_optimizer:
                 state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
             elif state.name:  # a full adapter (every expert): each rank takes its slices, peft shards the rest
