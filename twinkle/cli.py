@@ -18,23 +18,44 @@ def _version(distribution: str) -> str:
 
 
 def env_report() -> str:
+    """The report; a section that fails (a bad TWINKLE_* variable, a broken driver) prints its
+    error in place of its rows: this is what users paste into bug reports, so it never crashes."""
     import torch
 
-    from twinkle import backends, kernels
-    from twinkle.backends.cpu import applied_tuning
-
-    device = backends.current()
     lines = [f'twinkle      {_version("twinkle")}', f'python       {platform.python_version()}',
-             f'torch        {torch.__version__}', f'platform     {platform.platform()}', '', 'device']
-    lines += [f'  {key:<20} {value}' for key, value in device.describe().items()]
-    lines += [f'  {"cpu tuning":<20} {applied_tuning() or "none"}', f'  {"intra-op threads":<20} '
-              f'{torch.get_num_threads()}', '', 'packages']
-    lines += [f'  {name:<20} {_version(name)}' for name in OPTIONAL_PACKAGES]
-    lines += ['', 'kernels (op, chosen backend, reason; then every backend)']
+             f'torch        {torch.__version__}', f'platform     {platform.platform()}']
+    for title, section in (('device', _device_lines), ('packages', _package_lines),
+                           ('kernels (op, chosen backend, reason; then every backend)', _kernel_lines)):
+        lines += ['', title]
+        try:
+            lines += section()
+        except Exception as error:  # noqa: BLE001 - report it, keep going
+            lines.append(f'  ERROR {type(error).__name__}: {error}')
+    return '\n'.join(lines)
+
+
+def _device_lines() -> list:
+    import torch
+
+    from twinkle import backends
+    from twinkle.backends.cpu import applied_tuning
+    device = backends.current()
+    lines = [f'  {key:<20} {value}' for key, value in device.describe().items()]
+    return lines + [f'  {"cpu tuning":<20} {applied_tuning() or "none"}',
+                    f'  {"intra-op threads":<20} {torch.get_num_threads()}']
+
+
+def _package_lines() -> list:
+    return [f'  {name:<20} {_version(name)}' for name in OPTIONAL_PACKAGES]
+
+
+def _kernel_lines() -> list:
+    from twinkle import kernels
+    lines = []
     for row in kernels.report():
         lines.append(f'  {row["op"]:<28} {row["backend"]:<10} {row["reason"]}')
         lines += [f'      {name:<12} {state}' for name, state in row['backends'].items()]
-    return '\n'.join(lines)
+    return lines
 
 
 def main(argv=None) -> int:

@@ -39,10 +39,26 @@ def locate(resource_id: str) -> Location:
             return Location(hub, resource_id[len(prefix):])
     if os.path.exists(resource_id):
         return Location(LOCAL, resource_id)
+    if _looks_like_a_path(resource_id):
+        raise FileNotFoundError(f'{resource_id!r} does not exist (it is a local path, not a hub id: hub ids are '
+                                f'"org/name", "ms://org/name" or "hf://org/name")')
     default = os.environ.get('TWINKLE_HUB', 'ms')
     if default not in ('ms', 'hf'):
         raise ValueError(f'TWINKLE_HUB must be "ms" or "hf", got {default!r}')
     return Location(_PREFIXES[f'{default}://'], resource_id)
+
+
+def _looks_like_a_path(resource_id: str) -> bool:
+    """Absolute, relative (./, ../, ~), more than org/name deep, or with a file suffix: never a hub id."""
+    if os.path.isabs(resource_id) or resource_id.startswith(('.', '~')) or '\\' in resource_id:
+        return True
+    if resource_id.count('/') > 1:
+        return True
+    suffix = os.path.splitext(resource_id)[1].lower()
+    return suffix in _FILE_SUFFIXES
+
+
+_FILE_SUFFIXES = ('.json', '.jsonl', '.csv', '.parquet', '.txt', '.safetensors', '.bin', '.pt', '.arrow')
 
 
 def model_dir(model_id: str, revision: Optional[str] = None) -> str:

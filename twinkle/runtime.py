@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 from typing import Optional, Union
@@ -16,6 +17,14 @@ from .parallel.mesh import DeviceMesh, set_global_mesh
 from .utils.logger import get_logger
 
 logger = get_logger(__name__)
+
+# The collective timeout when initialize() is given none. torch's own default (30 minutes for gloo,
+# 10 for nccl) lets a stalled CPU job sit idle for half an hour before anyone hears of it; on CPU
+# and gloo five minutes is far above any healthy wait (the slowest is a first-run C++ kernel build,
+# about a minute) and still short enough to notice. Accelerator jobs keep torch's default: their
+# first steps may compile kernels for many minutes.
+DEFAULT_CPU_TIMEOUT = datetime.timedelta(minutes=5)
+_timeout: Optional[datetime.timedelta] = None  # what the process group was created with
 
 
 def initialize(mode: str = 'local', global_device_mesh: Optional[DeviceMesh] = None, seed: Optional[int] = 42,
@@ -70,8 +79,9 @@ def _as_timedelta(timeout) -> Optional[datetime.timedelta]:
         seconds = float(timeout)
     else:
         raise ValueError(f'timeout must be seconds (a number) or a timedelta, got {timeout!r}')
-    if seconds is not None and not seconds > 0:
-        raise ValueError(f'timeout must be positive, got {seconds} seconds')
+    if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f'timeout must be a positive, finite number of seconds, got {seconds}; '
+                         f'a wait without end is a hang (omit timeout for the default)')
     return None if seconds is None else datetime.timedelta(seconds=seconds)
 
 
@@ -83,8 +93,19 @@ def _join_process_group(device: backends.Backend, timeout: Optional[datetime.tim
         return
     if device.torch_device_type != 'cpu':
         torch.accelerator.set_device_index(device.local_index())
+    if timeout is None and device.dist_backend == 'gloo':
+        timeout, origin = DEFAULT_CPU_TIMEOUT, 'twinkle default for gloo; initialize(timeout=...) changes it'
+    else:
+        origin = 'initialize(timeout=...)' if timeout is not None else 'torch default'
     dist.init_process_group(backend=device.dist_backend, timeout=timeout)
+    global _timeout
+    _timeout = timeout
     with collective('initialize'):
         dist.barrier()
-    logger.info('process group: %s, %d ranks, collective timeout %s', device.dist_backend, dist.get_world_size(),
-                timeout or 'torch default')
+    logger.info('process group: %s, %d ranks, collective timeout %s (%s)', device.dist_backend,
+                dist.get_world_size(), timeout or 'torch default', origin)
+
+
+def process_group_timeout() -> Optional[datetime.timedelta]:
+    """The collective timeout ``initialize`` gave the process group (None: torch's default, or no group)."""
+    return _timeout

@@ -99,9 +99,25 @@ def test_resume_skips_exactly_the_consumed_samples(dataset):
     assert taken == expected
 
 
-def test_empty_dataset():
-    loader = DataLoader(Rows(0), batch_size=4)
-    assert len(loader) == 0 and list(loader) == [] and loader.state_dict()['epoch'] == 1
+@pytest.mark.parametrize('samples, kwargs', [(0, {}), (3, dict(min_batch_size=4))])
+def test_a_loader_without_a_batch_is_refused(samples, kwargs):
+    with pytest.raises(ValueError, match=f'has {samples} samples, fewer than min_batch_size'):
+        DataLoader(Rows(samples), batch_size=4, **kwargs)
+
+
+def test_a_dropped_tail_is_logged(twinkle_logs):
+    assert len(DataLoader(Rows(10), batch_size=4, min_batch_size=3)) == 2
+    assert 'the last 2 of 10 samples of each epoch are dropped' in twinkle_logs.text
+
+
+@pytest.mark.parametrize('state, message', [
+    ({'epoch': 0, 'consumed_samples': -8}, r"state\['consumed_samples'\] must be a non-negative int"),
+    ({'epoch': 0, 'consumed_samples': 12}, 'consumed_samples..=12 is more than this dataset.s 8 samples'),
+    ({'epoch': 0, 'consumed_samples': 4, 'num_samples': 16}, 'saved for a dataset of 16 samples, this one has 8'),
+])
+def test_a_state_of_another_dataset_is_refused(state, message):
+    with pytest.raises(ValueError, match=message):
+        DataLoader(Rows(8), batch_size=4).load_state_dict(state)
 
 
 def test_dataset_factory():

@@ -178,3 +178,18 @@ def test_pack_rows_and_iterable_packing(files, tokenizer):
     packed = list(streamed)
     assert max(row['length'] for row in packed) <= 100 and len(packed) < len(ROWS)
     assert samples_of(packed) == samples_of(list(plain)) == samples_of(pack_rows(list(plain), 100))
+
+
+def test_encode_counts_dropped_samples_and_refuses_an_empty_result(tokenizer, twinkle_logs):
+    rows = [{'query': 'q ' * 30, 'response': 'short'}, {'query': 'q', 'response': 'fine'}]
+    dataset = Dataset(rows=rows)
+    dataset.map(SelfCognitionProcessor('a', 'b'))
+    dataset.set_template(Template(tokenizer=tokenizer, max_length=30, truncation_strategy='right'))
+    dataset.encode()  # right-truncating sample 0 cuts away its whole answer: it would train on nothing
+    assert len(dataset) == 1
+    assert 'dropped 1 of 2 samples' in twinkle_logs.text and 'no labelled token left' in twinkle_logs.text
+    dataset = Dataset(rows=rows[:1])
+    dataset.map(SelfCognitionProcessor('a', 'b'))
+    dataset.set_template(Template(tokenizer=tokenizer, max_length=10, truncation_strategy='delete'))
+    with pytest.raises(ValueError, match='dropped all 1 samples'):
+        dataset.encode()

@@ -115,19 +115,27 @@ def emulated_liger(monkeypatch):
     liger_backend = pytest.importorskip('twinkle.kernels.swiglu.liger', reason='pip install "twinkle[liger]"')
     monkeypatch.setattr(liger_backend, 'swiglu_forward', fake_liger_forward)
     monkeypatch.setattr(liger_backend, 'swiglu_backward', fake_liger_backward)
+    return liger_backend
 
 
 def test_liger_adapter_matches_reference_and_leaves_inputs_intact(emulated_liger):
     gate, up, dout = make_inputs((3, 7, 97))
     gate.requires_grad_()
     up.requires_grad_()
-    out = kernels.swiglu(gate, up, backend='liger')
+    out = emulated_liger.swiglu(gate, up)  # the adapter itself: the registry refuses liger off GPU
     first = torch.autograd.grad(out, (gate, up), dout, retain_graph=True)
     second = torch.autograd.grad(out, (gate, up), dout)  # would read gradients as activations
     expected = run(backend_fn('reference'), gate, up, dout)
     assert_all_close((out, *first), expected, torch.float32)
     assert_all_close(second, expected[1:], torch.float32)
     torch.testing.assert_close(gate.detach(), make_inputs((3, 7, 97))[0], atol=0, rtol=0)
+
+
+def test_liger_is_refused_off_gpu_even_under_the_interpreter(fresh_registry):
+    """Its kernel dies inside Triton's interpreter, so the registry must not offer it (as for RMSNorm)."""
+    gate, up, _ = make_inputs((2, 8))
+    with pytest.raises(Exception, match='liger.*runs on cuda/npu, not cpu'):
+        kernels.swiglu(gate, up, backend='liger')
 
 
 # -- npu: a fake torch_npu with the documented npu_swiglu contract ----------------------------

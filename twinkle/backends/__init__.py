@@ -25,6 +25,12 @@ FAMILIES: Dict[str, Type[Backend]] = {
 }
 
 _current: Optional[Backend] = None
+_MISSING = {  # what a forced family needs, for the error when it is absent
+    'cuda': 'torch.cuda.is_available() is False: no NVIDIA GPU or driver, or a CPU-only torch build',
+    'ppu': 'torch.cuda sees no PPU device',
+    'npu': 'needs torch_npu (pip install "twinkle[npu]") and an Ascend NPU with CANN',
+    'mps': 'torch.backends.mps.is_available() is False: needs Apple silicon and a macOS torch build',
+}
 
 
 def detect() -> Backend:
@@ -34,7 +40,12 @@ def detect() -> Backend:
         if forced not in FAMILIES:
             raise ValueError(f'TWINKLE_DEVICE={forced!r} is not a device family; '
                              f'valid: {", ".join(FAMILIES)}')
-        return FAMILIES[forced]()
+        family = FAMILIES[forced]
+        if not family.is_available():  # else torch fails later, deep inside, with an AssertionError
+            raise RuntimeError(f'TWINKLE_DEVICE={forced!r} but this host has no usable {forced} device '
+                               f'({_MISSING.get(forced, "not detected")}); unset TWINKLE_DEVICE to detect the device, '
+                               f'or set TWINKLE_DEVICE=cpu')
+        return family()
     for family in FAMILIES.values():
         if family.is_available():
             return family()

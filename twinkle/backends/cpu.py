@@ -18,6 +18,7 @@ from .base import Backend
 _PROC_STATUS = '/proc/self/status'
 _PROC_CLEAR_REFS = '/proc/self/clear_refs'
 _applied: dict = {}
+_CPU_DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}
 
 
 def usable_cores() -> int:
@@ -46,7 +47,10 @@ class CpuBackend(Backend):
     def default_dtype(self) -> torch.dtype:
         """fp32: CPU bf16 is only fast with AMX/AVX512-BF16; ask with TWINKLE_CPU_DTYPE=bf16."""
         asked = os.environ.get('TWINKLE_CPU_DTYPE', 'fp32').lower()
-        return {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16}.get(asked, torch.float32)
+        if asked not in _CPU_DTYPES:
+            raise ValueError(f'TWINKLE_CPU_DTYPE={asked!r} is not a CPU training dtype; valid: '
+                             f'{", ".join(_CPU_DTYPES)} (unset it for fp32)')
+        return _CPU_DTYPES[asked]
 
     def local_device(self) -> torch.device:
         return torch.device('cpu')
@@ -65,7 +69,10 @@ class CpuBackend(Backend):
             clear_refs.write('5')
 
     def tune_process(self) -> dict:
-        if os.environ.get('TWINKLE_CPU_TUNING', '1') == '0':
+        switch = os.environ.get('TWINKLE_CPU_TUNING', '1')
+        if switch not in ('0', '1'):
+            raise ValueError(f'TWINKLE_CPU_TUNING={switch!r}: use 1 (tune, the default) or 0 (leave the process alone)')
+        if switch == '0':
             return {}
         if not _applied:
             _applied.update(_tune())

@@ -47,6 +47,8 @@ class DataLoader:
         if not isinstance(min_batch_size, int) or not 1 <= min_batch_size <= batch_size:
             raise ValueError(f'min_batch_size must be an int in [1, batch_size={batch_size}], got {min_batch_size!r}')
         self.sized = _has_length(self.dataset)
+        if self.sized:
+            _check_has_a_batch(len(self.dataset), batch_size, min_batch_size)
         if shuffle and not self.sized:
             raise ValueError('shuffle=True needs a map-style dataset; an iterable dataset keeps its order')
         self.shuffle = self.sized if shuffle is None else shuffle
@@ -57,11 +59,12 @@ class DataLoader:
         """Global batches (steps) per epoch, the same on every rank."""
         if not self.sized:
             raise TypeError('an iterable dataset has no length, so neither has its DataLoader')
-        full, rest = divmod(len(self.dataset), self.batch_size)
-        return full + int(0 < rest and rest >= self.min_batch_size)
+        return self._steps(len(self.dataset))
 
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
         """The rest of the current epoch (all of it unless resumed or interrupted)."""
+        if self.sized:
+            self._check_same_steps_on_every_rank()
         batches = self._sized_batches() if self.sized else self._streamed_batches()
         for global_batch in batches:
             if len(global_batch) < self.min_batch_size:
@@ -71,19 +74,63 @@ class DataLoader:
         self.epoch, self.consumed_samples = self.epoch + 1, 0
 
     def state_dict(self) -> Dict[str, int]:
-        return {'epoch': self.epoch, 'consumed_samples': self.consumed_samples, 'seed': self.seed,
-                'batch_size': self.batch_size}
+        state = {'epoch': self.epoch, 'consumed_samples': self.consumed_samples, 'seed': self.seed,
+                 'batch_size': self.batch_size}
+        if self.sized:
+            state['num_samples'] = len(self.dataset)  # resuming on another dataset is then refused
+        return state
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        """Resume: the next batch starts right after the consumed samples of ``state``'s epoch."""
+        """Resume: the next batch starts right after the consumed samples of ``state``'s epoch.
+
+        A state of another dataset would silently skip or repeat data, so it is refused: the
+        dataset size must match (states saved before sizes were recorded: the consumed samples
+        must fit in this dataset)."""
         missing = {'epoch', 'consumed_samples'} - set(state)
         if missing:
             raise ValueError(f'state is missing {sorted(missing)}')
+        for key in ('epoch', 'consumed_samples'):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'state[{key!r}] must be a non-negative int, got {value!r}')
         if state.get('seed', self.seed) != self.seed:
             raise ValueError(f'state was saved with seed {state["seed"]}, this loader has seed {self.seed}')
-        self.epoch, self.consumed_samples = int(state['epoch']), int(state['consumed_samples'])
+        if self.sized:
+            size = len(self.dataset)
+            saved_size = state.get('num_samples')
+            if saved_size is not None and saved_size != size:
+                raise ValueError(f'state was saved for a dataset of {saved_size} samples, this one has {size}: '
+                                 f'resume with the same dataset (or start a fresh DataLoader)')
+            if state['consumed_samples'] > size:
+                raise ValueError(f'state["consumed_samples"]={state["consumed_samples"]} is more than this '
+                                 f'dataset\'s {size} samples: the state belongs to another dataset')
+        self.epoch, self.consumed_samples = state['epoch'], state['consumed_samples']
 
     # -- internals ------------------------------------------------------------------------------
+    def _steps(self, samples: int) -> int:
+        """Global batches in ``samples`` samples (a short last one counts if >= min_batch_size)."""
+        full, rest = divmod(samples, self.batch_size)
+        return full + int(0 < rest and rest >= self.min_batch_size)
+
+    def _check_same_steps_on_every_rank(self) -> None:
+        """Every rank must run the same number of steps, or their collectives pair up wrongly (gloo
+        aborts with a "collective mismatch", NCCL hangs). Ranks that loaded datasets of different
+        sizes are caught here, once per epoch, before the first step."""
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        from twinkle.parallel import collective
+        mine = (self._steps(len(self.dataset) - self.consumed_samples), len(self.dataset), self.consumed_samples)
+        everyone: List[Any] = [None] * dist.get_world_size()
+        with collective('dataloader_steps'):
+            dist.all_gather_object(everyone, mine)
+        if len({steps for steps, _, _ in everyone}) > 1:
+            detail = '; '.join(f'rank {rank}: {steps} steps ({size} samples, {consumed} consumed)'
+                               for rank, (steps, size, consumed) in enumerate(everyone))
+            raise ValueError(f'ranks would run different numbers of steps this epoch ({detail}). Every rank must '
+                             f'load the same dataset (the DataLoader gives each data rank its slice of every '
+                             f'global batch) and resume from the same state')
+
     def _sized_batches(self) -> Iterator[List[Any]]:
         """Global batches as lists of dataset indices: reading only this rank's rows is cheap."""
         n = len(self.dataset)
@@ -114,6 +161,17 @@ class DataLoader:
         start = self.rank * base + min(self.rank, extra)
         mine = global_batch[start:start + base + (self.rank < extra)]
         return [self.dataset[i] for i in mine] if self.sized else mine
+
+
+def _check_has_a_batch(samples: int, batch_size: int, min_batch_size: int) -> None:
+    """An epoch without a batch would train on nothing without a word; a dropped tail is said."""
+    if samples < min_batch_size:
+        raise ValueError(f'the dataset has {samples} samples, fewer than min_batch_size={min_batch_size}, so an '
+                         f'epoch would have no batch; add data or lower min_batch_size (and batch_size)')
+    rest = samples % batch_size
+    if 0 < rest < min_batch_size:
+        logger.warning('the last %d of %d samples of each epoch are dropped: fewer than min_batch_size=%d',
+                       rest, samples, min_batch_size)
 
 
 def _built(dataset: Any) -> Any:

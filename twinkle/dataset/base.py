@@ -18,9 +18,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Type
 import torch.utils.data
 
 from twinkle import hub
+from twinkle.utils.logger import get_logger
 from twinkle.preprocessor import PREPROCESSORS, Preprocessor
 from twinkle.template import TEMPLATES, Template
 
+logger = get_logger(__name__)
 _FILE_LOADERS = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet', '.txt': 'text'}
 
 
@@ -133,8 +135,11 @@ class Dataset(torch.utils.data.Dataset):
             raise ValueError('call set_template(...) before encode()')
         kwargs = dict(batched=True, with_indices=True, fn_kwargs={'add_generation_prompt': add_generation_prompt},
                       **({} if batched else {'batch_size': 1}), **map_kwargs)
+        self.template.dropped.clear()
+        sizes = {key: _length(ds) for key, ds in self.datasets.items()}
         self._apply(None, lambda ds: ds.map(self.template.batch_encode, remove_columns=ds.column_names,
                                             **_uncached(ds, kwargs)))
+        self._report_dropped(sizes)
 
     # -- access --------------------------------------------------------------------------------
     @property
@@ -155,6 +160,18 @@ class Dataset(torch.utils.data.Dataset):
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         return iter(self.dataset)
+
+    def _report_dropped(self, sizes: Dict[str, Optional[int]]) -> None:
+        """Samples that encode dropped are counted and said; a source left empty is an error."""
+        reasons = ', '.join(f'{count} {why}' for why, count in self.template.dropped.items())
+        for key, before in sizes.items():
+            after = _length(self.datasets[key])
+            if before is None or after == before:
+                continue
+            if after == 0:
+                raise ValueError(f'encode() dropped all {before} samples of {key!r} ({reasons}): nothing is left to '
+                                 f'train on; raise max_length or use truncation_strategy="left"')
+            logger.warning('encode() dropped %d of %d samples of %r: %s', before - after, before, key, reasons)
 
     def _apply(self, dataset_meta: Optional[DatasetMeta], transform: Callable) -> None:
         keys = list(self.datasets) if dataset_meta is None else [dataset_meta.key]
@@ -185,6 +202,14 @@ def _load(meta: DatasetMeta, streaming: bool):
     if len(loaded) == 0:
         raise ValueError(f'dataset {meta.dataset_id!r} is empty, so data_slice selects nothing')
     return loaded.select([i % len(loaded) for i in meta.data_slice])
+
+
+def _length(ds) -> Optional[int]:
+    """Rows of a loaded source, None for a stream (it encodes lazily, so drops are not counted)."""
+    try:
+        return len(ds)
+    except TypeError:
+        return None
 
 
 def _aligned(part, first):

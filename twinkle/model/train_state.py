@@ -28,6 +28,7 @@ class TrainState:
     pending_tokens: int = 0
     loss_unit: int = 0  # backward divides the loss sums by this (the window's first micro-batch's tokens)
     gradients_finalized: bool = False
+    window_tokens: float = 0.0  # trained tokens of the window over all data ranks (set when finalized)
     optimizer_steps: int = 0
     train_metrics: List[Any] = field(default_factory=lambda: [LossMetric(), Accuracy(), TrainMetric()])
     eval_metrics: List[Any] = field(default_factory=lambda: [LossMetric(), Accuracy()])

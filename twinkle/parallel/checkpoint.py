@@ -7,8 +7,10 @@
   each rank writing its own shards of the model and optimizer (DCP reshards on load if the world
   size changed), plus a per-rank ``extra_state`` dict (scheduler, dataloader, ``rng_state()``).
 
-Both are written to a temporary directory next to ``path`` and renamed into place, so ``path``
-never holds a half-written checkpoint. Every rank must call these functions (they are collective).
+A checkpoint is one atomic unit at any world size: every part (full weights, sharded state) is
+written into one staging directory next to ``path``, which rank 0 commits once every rank has
+finished (``checkpoint_directory``), so ``path`` always holds a whole checkpoint, the previous or the
+new one. Every rank must call these functions (they are collective).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from twinkle import backends
-from twinkle.utils.io import atomic_directory
+from twinkle.utils.io import atomic_directory, recover
 from twinkle.utils.logger import get_logger
 
 from .collectives import collective
@@ -39,6 +41,13 @@ def save_full_state_dict(model: nn.Module, path: str, *, safe_serialization: boo
 
     A peft model saves its trainable (adapter) weights only; frozen base weights are not gathered.
     """
+    with checkpoint_directory(path) as staging:
+        write_full_state_dict(model, staging, safe_serialization=safe_serialization)
+
+
+def write_full_state_dict(model: nn.Module, directory: str, *, safe_serialization: bool = True) -> None:
+    """``save_full_state_dict`` into an existing (staging) ``directory``, without committing it;
+    for a checkpoint made of several parts (``checkpoint_directory``). Collective."""
     if not hasattr(model, 'save_pretrained'):
         raise ValueError(f'model ({type(model).__name__}) has no save_pretrained: not a Hugging Face or peft model')
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -49,27 +58,64 @@ def save_full_state_dict(model: nn.Module, path: str, *, safe_serialization: boo
         experts = full_expert_state_dict(model, trainable_only=is_peft)  # EP slices -> all experts
         if _rank() == 0:
             state_dict.update(experts)
-        tensors = len(state_dict)  # save_pretrained may empty the dict
-        if _rank() == 0:
-            with atomic_directory(path) as staging:
-                model.save_pretrained(staging, state_dict=state_dict, safe_serialization=safe_serialization)
-            logger.info('saved %s weights (%d tensors) to %s', 'adapter' if is_peft else 'full', tensors, path)
+            tensors = len(state_dict)  # save_pretrained may empty the dict
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization)
+            logger.info('wrote %s weights (%d tensors)', 'adapter' if is_peft else 'full', tensors)
         _barrier()
 
 
 def save_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                  extra_state: Optional[Dict[str, Any]] = None) -> None:
     """Write this rank's model and optimizer shards and its ``extra_state`` (any picklable dict)."""
+    with checkpoint_directory(path) as staging:
+        write_sharded(staging, model, optimizer, extra_state)
+
+
+def write_sharded(directory: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                  extra_state: Optional[Dict[str, Any]] = None) -> None:
+    """``save_sharded`` into ``directory`` (created if missing) inside a ``checkpoint_directory``,
+    without committing it. Collective."""
     from torch.distributed.checkpoint import save
-    with collective('save_sharded'), _shared_atomic_directory(path) as staging:
-        save(_training_state(model, optimizer), checkpoint_id=staging)
-        torch.save(extra_state or {}, os.path.join(staging, _EXTRA_STATE.format(rank=_rank())))
-    logger.info('saved sharded checkpoint (%d ranks) to %s', _world_size(), path)
+    with collective('save_sharded'):
+        if _rank() == 0:
+            os.makedirs(directory, exist_ok=True)
+        _barrier()
+        save(_training_state(model, optimizer), checkpoint_id=directory)
+        torch.save(extra_state or {}, os.path.join(directory, _EXTRA_STATE.format(rank=_rank())))
+    logger.info('wrote sharded state (%d ranks)', _world_size())
+
+
+@contextlib.contextmanager
+def checkpoint_directory(path: str) -> Iterator[str]:
+    """One checkpoint, however many parts and ranks write it: rank 0 opens a staging directory
+    next to ``path`` (``twinkle.utils.io.atomic_directory``) and shares its name, every rank writes
+    its parts into it, and once all have finished rank 0 commits it to ``path`` in one atomic step.
+    A crash anywhere inside leaves the previous checkpoint at ``path`` whole. Collective."""
+    with collective('checkpoint_directory'):
+        if _rank() == 0:
+            with atomic_directory(path) as staging:
+                _broadcast_from_rank0(staging)
+                yield staging
+                _barrier()  # every rank has written its part
+        else:
+            yield _broadcast_from_rank0(None)
+            _barrier()
+        _barrier()  # committed: every rank may read it now
+    logger.info('saved checkpoint (%d ranks) to %s', _world_size(), path)
+
+
+def recover_checkpoint(path: str) -> None:
+    """Before reading ``path``: rank 0 undoes what an interrupted save left (restores the previous
+    checkpoint if the save died between its two renames, see ``twinkle.utils.io``). Collective."""
+    if _rank() == 0:
+        recover(path)
+    _barrier()
 
 
 def load_sharded(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
     """Load what ``save_sharded`` wrote into ``model`` (already parallelized) and ``optimizer``;
     returns this rank's ``extra_state`` (rank 0's when the checkpoint came from fewer ranks)."""
+    recover_checkpoint(path)
     if not os.path.isdir(path):
         raise ValueError(f'path {path!r} is not a checkpoint directory')
     from torch.distributed.checkpoint import load
@@ -132,21 +178,6 @@ def _renamed(state: Dict[str, Any], names: Dict[str, str]) -> Dict[str, Any]:
         renamed['optimizer'] = {'state': {names.get(key, key): value for key, value in optimizer['state'].items()},
                                 'param_groups': groups}
     return renamed
-
-
-@contextlib.contextmanager
-def _shared_atomic_directory(path: str) -> Iterator[str]:
-    """``atomic_directory`` opened by rank 0 and shared: every rank writes into the same staging
-    directory, and rank 0 renames it into place once all have finished."""
-    if _rank() == 0:
-        with atomic_directory(path) as staging:
-            _broadcast_from_rank0(staging)
-            yield staging
-            _barrier()
-    else:
-        yield _broadcast_from_rank0(None)
-        _barrier()
-    _barrier()
 
 
 def _broadcast_from_rank0(value):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .features import FEATURE_KEYS, IGNORE_INDEX, InputFeature, Trajectory, columns_of, rows_of
@@ -53,6 +54,7 @@ class Template:
             raise ValueError(f'the tokenizer of {model_id or type(tokenizer).__name__} has no chat_template')
         self.max_length = max_length
         self.truncation_strategy = truncation_strategy
+        self.dropped: Counter = Counter()  # why encode() dropped samples: 'too long', 'no labels left'
 
     @property
     def pad_token_id(self) -> int:
@@ -81,8 +83,14 @@ class Template:
                   else IGNORE_INDEX for token, (start, end) in zip(input_ids, encoding['offset_mapping'])]
         kept = self._truncate(len(input_ids), sample)
         if kept is None:
+            self.dropped[f'longer than max_length={self.max_length} (truncation_strategy="delete")'] += 1
             return None
+        had_labels = any(label != IGNORE_INDEX for label in labels)
         input_ids, labels = input_ids[kept], labels[kept]
+        if had_labels and all(label == IGNORE_INDEX for label in labels):  # it would train on nothing
+            self.dropped[f'no labelled token left after truncation_strategy="{self.truncation_strategy}" '
+                         f'to max_length={self.max_length}'] += 1
+            return None
         length = len(input_ids)
         return InputFeature(input_ids=input_ids, labels=labels, attention_mask=[1] * length,
                             position_ids=list(range(length)), length=length)

@@ -10,6 +10,7 @@ import os
 
 _ROOT = 'twinkle'
 _configured = False
+_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
 
 
 class _RankZeroFilter(logging.Filter):
@@ -32,7 +33,13 @@ def _configure_root() -> None:
     handler.setFormatter(logging.Formatter(f'{prefix}[twinkle %(levelname)s] %(message)s'))
     handler.addFilter(_RankZeroFilter())
     root.addHandler(handler)
-    root.setLevel(os.environ.get('TWINKLE_LOG_LEVEL', 'INFO').upper())
+    level = os.environ.get('TWINKLE_LOG_LEVEL', 'INFO').upper()
+    if level not in _LEVELS:  # a typo must not stop the import of twinkle (nor `twinkle env`)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+        root.warning('TWINKLE_LOG_LEVEL=%r is not a level (valid: %s): using INFO', level, ', '.join(_LEVELS))
+    else:
+        root.setLevel(level)
     root.propagate = False
     _configured = True
 

@@ -30,6 +30,11 @@ def moe_unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, topk_weights:
                          f'got {tuple(topk_weights.shape)}')
     require_size('expert_out', expert_out.shape[0], row_map.numel(), 'rows equal to the elements of row_map,')
     require_same_device('expert_out', expert_out, row_map=row_map, topk_weights=topk_weights)
+    if row_map.numel():  # as moe_permute checks topk_ids: an index out of range would wrap or crash
+        low, high = (int(v) for v in torch.aminmax(row_map))
+        if low < 0 or high >= expert_out.shape[0]:
+            raise ValueError(f'row_map: rows must be in [0, {expert_out.shape[0]}) (the rows of expert_out), '
+                             f'got values in [{low}, {high}]')
     return registry.resolve('moe_unpermute', backend, expert_out.device)(
         expert_out, row_map.long(), topk_weights.to(expert_out.dtype))
 

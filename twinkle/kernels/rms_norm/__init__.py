@@ -36,8 +36,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     require_tensor('weight', weight, floating=True, dims=(1,))
     require_size('weight', weight.shape[0], x.shape[-1], 'length equal to the last dim of x,')
     require_same_device('x', x, weight=weight)
-    if not eps >= 0:
-        raise ValueError(f'eps must be >= 0, got {eps}')
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f'eps must be a number >= 0, got {eps!r}')
     return registry.resolve('rms_norm', backend, x.device)(x, weight, float(eps), float(offset))
 
 

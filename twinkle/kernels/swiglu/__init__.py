@@ -16,7 +16,9 @@ registry.register(
         'reference': registry.REFERENCE,
         'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
         'triton': registry.TRITON,
-        'liger': registry.LIGER,
+        # Like its RMSNorm, Liger's SwiGLU kernel does not run in the Triton interpreter: GPUs only.
+        'liger': Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel', 'triton'), extra='liger',
+                      check=registry.triton_check),
         'npu': registry.NPU,
     },
     priority=registry.DEFAULT_PRIORITY,

@@ -23,8 +23,9 @@ from twinkle.model.base import TwinkleModel
 from twinkle.model.optim import build_optimizer, build_scheduler
 from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
-from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, clip_grad_norm_, collective, global_mesh,
-                              load_sharded, parallelize, save_full_state_dict, save_sharded, scale_gradients_)
+from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, checkpoint_directory, clip_grad_norm_, collective,
+                              global_mesh, load_sharded, parallelize, recover_checkpoint, scale_gradients_, write_full_state_dict,
+                              write_sharded)
 from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
 from twinkle.utils.logger import get_logger
 
@@ -197,11 +198,25 @@ class TransformersModel(TwinkleModel):
         state.progress.update(grad_norm=norm)
         return norm
 
-    def step(self, adapter_name: Optional[str] = None) -> None:
+    def step(self, adapter_name: Optional[str] = None) -> bool:
+        """One optimizer step over the accumulated gradients; returns whether it stepped.
+
+        A window in which no rank trained a single token (every label ignored) is skipped with a
+        warning, not stepped: its loss is undefined (0/0) and AdamW would still move the weights
+        through weight decay and momentum. The skip is decided on the token count summed over all
+        data ranks, so every rank skips together."""
         state = self._state(adapter_name)
         if state.optimizer is None:
             raise RuntimeError('step() needs an optimizer: call set_optimizer(...) first')
+        if not state.pending_micro_batches:
+            raise RuntimeError('step() with no gradients: call forward_backward(...) first (after zero_grad(), '
+                               'step() has nothing to apply)')
         self._finalize_gradients(state)
+        if not state.window_tokens:
+            logger.warning('step skipped: the %d micro-batch(es) since the last step have no trained token (every '
+                           'label is -100 on every rank); optimizer step %d not taken', state.pending_micro_batches,
+                           state.optimizer_steps + 1)
+            return False
         with collective('step'):
             if state.scaler is not None:
                 state.scaler.step(state.optimizer)
@@ -210,6 +225,7 @@ class TransformersModel(TwinkleModel):
                 state.optimizer.step()
         state.optimizer_steps += 1
         state.progress.update(stepped=True, lr=state.optimizer.param_groups[0]['lr'])
+        return True
 
     def zero_grad(self, adapter_name: Optional[str] = None) -> None:
         state = self._state(adapter_name)
@@ -230,9 +246,10 @@ class TransformersModel(TwinkleModel):
         if state.pending_micro_batches < state.gradient_accumulation_steps:
             return None
         norm = self.clip_grad_norm(max_grad_norm, adapter_name)
-        self.step(adapter_name)
+        stepped = self.step(adapter_name)
         self.zero_grad(adapter_name)
-        self.lr_step(adapter_name)
+        if stepped:  # a skipped step does not advance the schedule either
+            self.lr_step(adapter_name)
         return norm
 
     # -- reporting ------------------------------------------------------------------------------
@@ -269,15 +286,20 @@ class TransformersModel(TwinkleModel):
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
              adapter_name: Optional[str] = None) -> str:
-        """Write a Hugging Face (full) or peft (adapter) checkpoint; returns its directory."""
+        """Write a Hugging Face (full) or peft (adapter) checkpoint; returns its directory.
+
+        The checkpoint is written whole into a staging directory and then replaces ``path`` in one
+        step (under torchrun: the full weights and the ``sharded/`` resume state together), so a
+        crash during the save leaves the previous checkpoint at ``path`` intact."""
         state = self._state(adapter_name)
         path = os.path.join(output_dir, name) if output_dir else name
         if self.distributed:
             self._ensure_parallel()
-            save_full_state_dict(self.model, path)
-            if save_optimizer:
-                save_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer,
-                             extra_state=state.trainer_state(include_optimizer=False))
+            with checkpoint_directory(path) as staging:
+                write_full_state_dict(self.model, staging)
+                if save_optimizer:
+                    write_sharded(os.path.join(staging, SHARDED_STATE), self.model, state.optimizer,
+                                  extra_state=state.trainer_state(include_optimizer=False))
             return path
         tokenizer = self.template.tokenizer if self.template is not None else None
         checkpoint.save(self.model, path, adapter=state.name or None, tokenizer=tokenizer,
@@ -286,21 +308,24 @@ class TransformersModel(TwinkleModel):
         return path
 
     def load(self, name: str, output_dir: Optional[str] = None, adapter_name: Optional[str] = None,
-             load_optimizer: bool = False) -> None:
+             load_optimizer: bool = False, strict: bool = True) -> None:
+        """Load a checkpoint of ``save`` in place. Missing or unexpected weights are an error unless
+        ``strict=False`` (then logged); NaN/inf weights and damaged files are always refused."""
         state = self._state(adapter_name)
         path = os.path.join(output_dir, name) if output_dir else name
         if self.distributed:
             self._ensure_parallel()
+            recover_checkpoint(path)
             if load_optimizer:
                 state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
             elif state.name:  # a full adapter (every expert): each rank takes its slices, peft shards the rest
-                checkpoint.load(self.model, path, adapter=state.name,
+                checkpoint.load(self.model, path, adapter=state.name, strict=strict,
                                 prepare=lambda weights: shard_expert_state_dict(self.model, weights, state.name))
             else:
                 raise NotImplementedError('under FSDP, load full weights with from_pretrained (model_id=path); '
                                           'load(load_optimizer=True) resumes a sharded checkpoint')
             return
-        trainer_state = checkpoint.load(self.model, path, adapter=state.name or None)
+        trainer_state = checkpoint.load(self.model, path, adapter=state.name or None, strict=strict)
         if load_optimizer:
             if trainer_state is None:
                 raise ValueError(f'{path} holds no optimizer state (saved without save_optimizer=True)')
@@ -409,6 +434,7 @@ class TransformersModel(TwinkleModel):
         if state.scaler is not None and state.optimizer is not None:
             state.scaler.unscale_(state.optimizer)
         total_tokens = float(all_reduce_sum(state.pending_tokens))  # over micro-batches and data ranks
+        state.window_tokens = total_tokens
         if total_tokens:
             scale_gradients_(state.parameters, total_tokens / state.loss_unit)
         state.gradients_finalized = True
