@@ -20,6 +20,8 @@ import torch
 
 from twinkle.utils.logger import get_logger
 
+from .registry import Impl
+
 logger = get_logger(__name__)
 
 EXTENSION_NAME = 'twinkle_cpu_kernels'
@@ -127,3 +129,7 @@ def _exclusive_build(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# The registry declaration of every backend built on these kernels.
+NATIVE_CPU = Impl('cpu', devices=('cpu',), check=cpu_check)

@@ -7,20 +7,9 @@ import torch
 
 from .. import registry
 from ..checks import require_same_device, require_tensor
-from ..native import cpu_check
-from ..registry import Impl
+from ..native import NATIVE_CPU
 
-registry.register(
-    'swiglu',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
-        'triton': registry.TRITON,
-        'liger': registry.LIGER,
-        'npu': registry.NPU,
-    },
-    priority=registry.DEFAULT_PRIORITY,
-)
+registry.register('swiglu', ['reference', 'cpu', 'triton', 'liger', 'npu'], cpu=NATIVE_CPU)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:

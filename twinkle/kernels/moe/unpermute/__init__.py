@@ -10,11 +10,11 @@ from typing import Optional
 
 import torch
 
-from .. import registry
-from ..checks import require_same_device, require_size, require_tensor
-from ..moe_permute import ROUTING_IMPLS, ROUTING_PRIORITY, require_integer
+from ... import registry
+from ...checks import require_integer, require_same_device, require_size, require_tensor
+from ..routing import ROUTING_BACKENDS
 
-registry.register('moe_unpermute', impls=ROUTING_IMPLS, priority=ROUTING_PRIORITY)
+registry.register('moe_unpermute', ROUTING_BACKENDS, package=__name__)
 
 
 def moe_unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor, *,
