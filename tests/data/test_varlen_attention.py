@@ -124,7 +124,8 @@ def test_cpu_selects_sdpa(fresh_registry):
     (lambda a: a.update(cu_seq_lens=[0, 5, 9]), 'cu_seq_lens must be a torch.Tensor'),
     (lambda a: a.update(scale=0.0), 'scale must be a positive'),
 ])
-def test_bad_inputs_name_the_argument(change, message):
+def test_bad_inputs_name_the_argument(change, message, monkeypatch):
+    monkeypatch.setenv('TWINKLE_CHECK_VALUES', '1')  # the boundaries are a value check (a host sync)
     q, k, v, cu_seq_lens, _ = packed([5, 4])
     arguments = dict(q=q, k=k, v=v, cu_seq_lens=cu_seq_lens)
     change(arguments)
@@ -143,7 +144,7 @@ def test_flash_attn_dispatch(monkeypatch):
 
     monkeypatch.setitem(sys.modules, 'flash_attn', types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
     q, k, v, cu_seq_lens, _ = packed([3, 7, 2], dtype=torch.bfloat16)
-    out = flash.varlen_attention(q, k, v, cu_seq_lens, False, 0.25)
+    out = flash.varlen_attention(q, k, v, cu_seq_lens, False, 0.25, 7)
     (call,) = calls
     assert call['cu_q'].dtype == torch.int32 and call['cu_q'].tolist() == [0, 3, 10, 12]
     assert call['cu_k'] is call['cu_q'] and call['max_q'] == call['max_k'] == 7
@@ -160,8 +161,8 @@ def test_npu_dispatch(monkeypatch):
 
     monkeypatch.setitem(sys.modules, 'torch_npu', types.SimpleNamespace(npu_fusion_attention=npu_fusion_attention))
     q, k, v, _, _ = packed([4, 5], heads=8, kv_heads=2, dtype=torch.float16)
-    npu.varlen_attention(q, k, v, torch.tensor([0, 0, 4, 9]), True, 0.5)
-    npu.varlen_attention(q, k, v, torch.tensor([0, 4, 9]), False, 0.5)
+    npu.varlen_attention(q, k, v, torch.tensor([0, 0, 4, 9]), True, 0.5, 5)
+    npu.varlen_attention(q, k, v, torch.tensor([0, 4, 9]), False, 0.5, 5)
     causal, full = calls
     assert causal['head_num'] == 8 and causal['layout'] == 'TND' and causal['scale'] == 0.5
     assert causal['actual_seq_qlen'] == causal['actual_seq_kvlen'] == [4, 9]  # the empty sequence dropped
@@ -175,7 +176,7 @@ def test_npu_dispatch(monkeypatch):
 def test_fused_backends_run_fp32_on_sdpa_and_say_so(module, twinkle_logs, monkeypatch):
     monkeypatch.setattr(module.sdpa, '_warned', set())
     q, k, v, cu_seq_lens, _ = packed([3, 4])
-    out = module.varlen_attention(q, k, v, cu_seq_lens, True, 8 ** -0.5)
+    out = module.varlen_attention(q, k, v, cu_seq_lens, True, 8 ** -0.5, 4)
     torch.testing.assert_close(out, kernels.varlen_attention(q, k, v, cu_seq_lens, backend='reference'),
                                **TOLERANCE[torch.float32])
     assert 'fp16/bf16 only; torch.float32 inputs run on sdpa' in twinkle_logs.text

@@ -299,7 +299,8 @@ X, IDS = torch.randn(4, 8), torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
     (X, IDS, 4.0, 'num_experts', 'positive'),
     (X, IDS.to('meta'), 4, 'topk_ids', 'meta'),
 ])
-def test_permute_bad_inputs_name_the_argument(hidden, topk_ids, experts, name, message):
+def test_permute_bad_inputs_name_the_argument(hidden, topk_ids, experts, name, message, monkeypatch):
+    monkeypatch.setenv('TWINKLE_CHECK_VALUES', '1')  # the id range is a value check (a host sync)
     with pytest.raises(ValueError, match=rf'^{name}\b.*{message}'):
         kernels.moe_permute(hidden, topk_ids, experts)
 
@@ -336,6 +337,7 @@ P, GU, D, C = torch.randn(6, 8), torch.randn(3, 10, 8), torch.randn(3, 8, 5), to
     ((P, C, GU.double(), D), 'gate_up_proj', 'dtype'),
     ((P, C, GU, D.half()), 'down_proj', 'dtype'),
 ])
-def test_grouped_experts_bad_inputs_name_the_argument(args, name, message):
+def test_grouped_experts_bad_inputs_name_the_argument(args, name, message, monkeypatch):
+    monkeypatch.setenv('TWINKLE_CHECK_VALUES', '1')  # the group sizes are a value check (a host sync)
     with pytest.raises(ValueError, match=rf'^{name}\b.*{message}'):
         kernels.grouped_experts(*args)

@@ -123,3 +123,39 @@ def test_first_call_of_an_op_may_be_inside_a_fullgraph_compile(fresh_registry):
                              backend='eager')
     assert not registry._chosen  # nothing selected before tracing
     torch.testing.assert_close(compiled(x, weight), 2 * kernels.rms_norm(x, weight, 1e-6, backend='reference'))
+
+
+def test_every_backend_that_needs_a_package_names_an_extra_pyproject_has():
+    """Walks the whole registry: a backend with an optional package must name the pip extra that
+    installs it (so its unavailability reason says what to install), and its module must exist."""
+    import importlib.util
+    import pathlib
+    import tomllib
+    pyproject = pathlib.Path(__file__).resolve().parents[2] / 'pyproject.toml'
+    extras = tomllib.loads(pyproject.read_text())['project']['optional-dependencies']
+    checked = 0
+    for op in registry.ops():
+        for backend in registry.backends_of(op):
+            impl = registry.declaration(op, backend)
+            if impl.packages:
+                assert impl.extra in extras, f'{op}/{backend} needs {impl.packages} but names no pyproject extra'
+                checked += 1
+            assert importlib.util.find_spec(registry.module_of(op, backend)) is not None, (op, backend)
+    assert checked >= 10
+    assert registry.declaration('varlen_attention', 'flash_attn').extra == 'flash-attn'
+
+
+def test_register_refuses_a_package_without_its_extra(fresh_registry):
+    with pytest.raises(ValueError, match='names no pip extra'):
+        registry.register('toy_nameless', {'reference': 'reference', 'x': Impl('x', packages=('some_pkg',))})
+    assert 'toy_nameless' not in registry.ops()
+
+
+def test_register_expands_standard_backends_and_filters_default_priority(fresh_registry):
+    registry.register('toy_standard', ['reference', 'cpu', 'triton'])
+    try:
+        assert registry.declaration('toy_standard', 'triton') is registry.TRITON
+        assert registry._op('toy_standard').order('cuda') == ['triton', 'reference']  # liger dropped
+        assert registry.module_of('toy_standard', 'cpu') == 'twinkle.kernels.toy_standard.cpu'
+    finally:
+        registry._OPS.pop('toy_standard')

@@ -11,9 +11,7 @@ from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .rope import apply_rotary_pos_emb
 from .swiglu import TwinkleSwiGLUMLP, swiglu
 from .varlen_attention import varlen_attention
-from .moe_permute import moe_permute
-from .moe_unpermute import moe_unpermute
-from .grouped_experts import TwinkleMoeExperts, grouped_experts
+from .moe import TwinkleMoeExperts, grouped_experts, moe_permute, moe_unpermute
 from .kernelize import kernelize  # noqa: E402  (after the ops it maps to)
 
 __all__ = ['KernelUnavailableError', 'TwinkleRMSNorm', 'TwinkleSwiGLUMLP', 'apply_rotary_pos_emb', 'configure',

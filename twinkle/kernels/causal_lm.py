@@ -18,14 +18,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
 from twinkle.utils.logger import get_logger
 
 logger = get_logger(__name__)
 
-IGNORE_INDEX = -100  # what Hugging Face's causal-LM loss ignores
 
 
 class TwinkleCausalLMLoss(nn.Module):
@@ -54,7 +53,7 @@ class TwinkleCausalLMLoss(nn.Module):
         finally:
             handle.remove()
         if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            shift_labels = shifted_labels(labels)
         outputs.loss = self._fused_loss(captured['hidden'], shift_labels, kwargs.get('num_items_in_batch'))
         aux_loss = getattr(outputs, 'aux_loss', None)
         if aux_loss is not None:

@@ -21,7 +21,7 @@ from twinkle import backends
 from twinkle.utils.logger import get_logger
 
 from .causal_lm import TwinkleCausalLMLoss
-from .grouped_experts import TwinkleMoeExperts
+from .moe import TwinkleMoeExperts
 from .rms_norm import TwinkleRMSNorm
 from .rope import apply_rotary_pos_emb
 from .swiglu import TwinkleSwiGLUMLP

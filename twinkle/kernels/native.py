@@ -23,6 +23,8 @@ import torch
 from twinkle.utils import cache
 from twinkle.utils.logger import get_logger
 
+from .registry import Impl
+
 logger = get_logger(__name__)
 
 EXTENSION_NAME = 'twinkle_cpu_kernels'
@@ -143,3 +145,7 @@ def _exclusive_build(directory: Path) -> Iterator[None]:
     with cache.exclusive(directory / LOCK, f'the native CPU kernels in {directory}'):
         (directory / 'lock').unlink(missing_ok=True)
         yield
+
+
+# The registry declaration of every backend built on these kernels.
+NATIVE_CPU = Impl('cpu', devices=('cpu',), check=cpu_check)

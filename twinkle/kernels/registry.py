@@ -48,6 +48,7 @@ class Op:
     name: str
     impls: Dict[str, Impl]
     priority: Dict[str, List[str]]             # device family -> backends, best first
+    package: str                               # the package holding the backend modules
     functions: Dict[str, Callable] = field(default_factory=dict)
 
     def order(self, device_type: str) -> List[str]:
@@ -65,15 +66,39 @@ _env_cache: Tuple[Optional[str], Dict[str, str]] = (None, {})
 _chosen: Dict[Tuple[str, str, str], Selection] = {}
 
 
-def register(name: str, impls: Dict[str, Impl], priority: Dict[str, Sequence[str]]) -> None:
-    """Declare an op. Every op must have a 'reference' backend: the oracle and the fallback."""
+def register(name: str, impls: Union[Sequence[str], Dict[str, Union[str, Impl]]],
+             priority: Optional[Dict[str, Sequence[str]]] = None, *, package: Optional[str] = None,
+             **custom: Impl) -> None:
+    """Declare an op: the one helper every op uses, so the common backends are written once.
+
+    ``impls`` names backends: a name of ``STANDARD`` takes its shared declaration, an ``Impl``
+    (in a dict, or as a keyword: ``cpu=native.CPU``) declares one of the op's own. ``priority``
+    defaults to ``DEFAULT_PRIORITY`` without the backends the op lacks; ``package`` (default
+    ``twinkle.kernels.<name>``) holds one module per backend, each defining a function ``name``.
+    Every op must have a 'reference' backend: the oracle and the fallback."""
+    named = dict(impls) if isinstance(impls, dict) else {backend: backend for backend in impls}
+    named.update(custom)
+    impls = {}
+    for backend, impl in named.items():
+        if isinstance(impl, str):
+            if impl not in STANDARD:
+                raise ValueError(f'op {name!r}: {impl!r} is not a standard backend ({", ".join(STANDARD)}); '
+                                 f'declare it with an Impl')
+            impl = STANDARD[impl]
+        impls[backend] = impl
+    if priority is None:
+        priority = {device: [b for b in names if b in impls] for device, names in DEFAULT_PRIORITY.items()}
     if 'reference' not in impls:
         raise ValueError(f'op {name!r} must register a "reference" backend')
+    for backend, impl in impls.items():
+        if impl.packages and not impl.extra:
+            raise ValueError(f'op {name!r}: backend {backend!r} needs {", ".join(impl.packages)} but names no '
+                             f'pip extra that installs it')
     for device, names in priority.items():
         unknown = [b for b in names if b not in impls]
         if unknown:
             raise ValueError(f'op {name!r}: priority for {device!r} names unknown backends {unknown}')
-    _OPS[name] = Op(name, dict(impls), {d: list(p) for d, p in priority.items()})
+    _OPS[name] = Op(name, impls, {d: list(p) for d, p in priority.items()}, package or f'twinkle.kernels.{name}')
     for key in [key for key in _chosen if key[0] == name]:
         del _chosen[key]
 
@@ -84,6 +109,16 @@ def ops() -> List[str]:
 
 def backends_of(op: str) -> List[str]:
     return list(_op(op).impls)
+
+
+def declaration(op: str, backend: str) -> Impl:
+    """What ``backend`` of ``op`` needs (devices, packages, extra)."""
+    return _impl(op, backend)
+
+
+def module_of(op: str, backend: str) -> str:
+    """The dotted module holding ``backend`` of ``op``."""
+    return f'{_op(op).package}.{_impl(op, backend).module}'
 
 
 def unavailable_reason(op: str, backend: str, device: DeviceLike = None) -> Optional[str]:
@@ -171,9 +206,11 @@ def triton_check(target: Backend) -> Optional[str]:
 
 # The backends most ops declare alike (an op's backend module is named like its backend).
 REFERENCE = Impl('reference')
+CPU = Impl('cpu', devices=('cpu',))
 TRITON = Impl('triton', packages=('triton',), extra='triton', check=triton_check)
 LIGER = Impl('liger', packages=('liger_kernel', 'triton'), extra='liger', check=triton_check)
 NPU = Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu')
+STANDARD = {'reference': REFERENCE, 'cpu': CPU, 'triton': TRITON, 'liger': LIGER, 'npu': NPU}
 DEFAULT_PRIORITY = {
     'cuda': ['triton', 'liger', 'reference'],
     'npu': ['npu', 'reference'],
@@ -254,7 +291,6 @@ def _choose(op: str, device: DeviceLike, device_type: str, override: Optional[st
 def _load(op: str, backend: str) -> Callable:
     entry = _op(op)
     if backend not in entry.functions:
-        impl = entry.impls[backend]
-        module = importlib.import_module(f'twinkle.kernels.{op}.{impl.module}')
+        module = importlib.import_module(module_of(op, backend))
         entry.functions[backend] = getattr(module, op)
     return entry.functions[backend]

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Tuple
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
+
+__all__ = ['IGNORE_INDEX', 'Loss', 'count_tokens', 'shifted_labels']
 
 
 class Loss:
@@ -22,11 +23,6 @@ class Loss:
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
-
-
-def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the logits that predict them (position t predicts token t + 1)."""
-    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
 def count_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twinkle.kernels.grouped_experts import TwinkleMoeExperts, grouped_experts
-from twinkle.kernels.moe_permute import moe_permute
-from twinkle.kernels.moe_unpermute import moe_unpermute
+from twinkle.kernels.moe import TwinkleMoeExperts, grouped_experts, moe_permute, moe_unpermute
 from twinkle.utils.logger import get_logger
 
 from .collectives import collective

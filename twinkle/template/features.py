@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, TypedDict
 
+from twinkle.utils.labels import IGNORE_INDEX
+
 
 class Message(TypedDict, total=False):
     role: str         # 'system' | 'user' | 'assistant' | 'tool'
@@ -30,7 +32,6 @@ class InputFeature(TypedDict):
     length: int
 
 
-IGNORE_INDEX = -100
 FEATURE_KEYS = ('input_ids', 'labels', 'attention_mask', 'position_ids', 'length')
 
 

@@ -6,27 +6,18 @@ from typing import Optional
 
 import torch
 
+from twinkle.utils.labels import IGNORE_INDEX
+
 from .. import registry
-from ..checks import require_same_device, require_size, require_tensor
-from ..registry import Impl
+from ..checks import check_values, require_ids_in_range, require_same_device, require_size, require_tensor
 
 REDUCTIONS = ('mean', 'sum', 'none')
 
-registry.register(
-    'fused_linear_cross_entropy',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',)),
-        'triton': registry.TRITON,
-        'liger': registry.LIGER,
-        'npu': registry.NPU,
-    },
-    priority=registry.DEFAULT_PRIORITY,
-)
+registry.register('fused_linear_cross_entropy', ['reference', 'cpu', 'triton', 'liger', 'npu'])
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                               bias: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
                                reduction: str = 'mean', label_smoothing: float = 0.0,
                                logit_softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                                backend: Optional[str] = None) -> torch.Tensor:
@@ -67,18 +58,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                    or chunk_size < 1):
         raise ValueError(f'chunk_size must be None or a positive int, got {chunk_size!r}')
     flat_labels = labels.reshape(-1).long()
-    _require_labels_in_range(flat_labels, weight.shape[0], ignore_index)
+    if check_values():  # checked once per batch where it is built (checks.check_batch)
+        require_ids_in_range('labels', flat_labels, weight.shape[0], ignore=ignore_index)
     loss = registry.resolve('fused_linear_cross_entropy', backend, hidden.device)(
         hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, bias, ignore_index, reduction,
         float(label_smoothing), None if logit_softcap is None else float(logit_softcap), chunk_size)
     return loss.view(labels.shape) if reduction == 'none' else loss
-
-
-def _require_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bad.any():
-        raise ValueError(f'labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; '
-                         f'found {labels[bad][0].item()}')
 
 
 __all__ = ['fused_linear_cross_entropy']

@@ -7,21 +7,12 @@ import torch
 
 from .. import registry
 from ..checks import require_same_device, require_size, require_tensor
-from ..native import cpu_check
+from ..native import NATIVE_CPU
 from ..registry import Impl
 
-registry.register(
-    'rms_norm',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
-        'triton': registry.TRITON,
-        # Liger's RMSNorm kernel does not run in the Triton interpreter: GPUs only.
-        'liger': Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel',), extra='liger'),
-        'npu': registry.NPU,
-    },
-    priority=registry.DEFAULT_PRIORITY,
-)
+# Liger's RMSNorm kernel does not run in the Triton interpreter: GPUs only.
+registry.register('rms_norm', ['reference', 'cpu', 'triton', 'liger', 'npu'], cpu=NATIVE_CPU,
+                  liger=Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel',), extra='liger'))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,

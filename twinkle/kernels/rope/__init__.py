@@ -11,20 +11,9 @@ import torch
 
 from .. import registry
 from ..checks import require_same_device, require_size, require_tensor
-from ..native import cpu_check
-from ..registry import Impl
+from ..native import NATIVE_CPU
 
-registry.register(
-    'rope',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
-        'triton': registry.TRITON,
-        'liger': registry.LIGER,
-        'npu': registry.NPU,
-    },
-    priority=registry.DEFAULT_PRIORITY,
-)
+registry.register('rope', ['reference', 'cpu', 'triton', 'liger', 'npu'], cpu=NATIVE_CPU)
 
 # unsqueeze_dim -> where q's heads and sequence sit (HF: 1 for (B, H, T, D), 2 for (B, T, H, D))
 LAYOUTS = {1: '(batch, heads, seq, head_dim)', 2: '(batch, seq, heads, head_dim)'}

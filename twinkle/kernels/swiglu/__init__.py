@@ -7,22 +7,13 @@ import torch
 
 from .. import registry
 from ..checks import require_same_device, require_tensor
-from ..native import cpu_check
+from ..native import NATIVE_CPU
 from ..registry import Impl
 
-registry.register(
-    'swiglu',
-    impls={
-        'reference': registry.REFERENCE,
-        'cpu': Impl('cpu', devices=('cpu',), check=cpu_check),
-        'triton': registry.TRITON,
-        # Like its RMSNorm, Liger's SwiGLU kernel does not run in the Triton interpreter: GPUs only.
-        'liger': Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel', 'triton'), extra='liger',
-                      check=registry.triton_check),
-        'npu': registry.NPU,
-    },
-    priority=registry.DEFAULT_PRIORITY,
-)
+# Like its RMSNorm, Liger's SwiGLU kernel does not run in the Triton interpreter: GPUs only.
+registry.register('swiglu', ['reference', 'cpu', 'triton', 'liger', 'npu'], cpu=NATIVE_CPU,
+                  liger=Impl('liger', devices=('cuda', 'npu'), packages=('liger_kernel', 'triton'), extra='liger',
+                             check=registry.triton_check))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:

@@ -15,18 +15,15 @@ from typing import Optional
 import torch
 
 from .. import registry
-from ..checks import require_same_device, require_size, require_tensor
+from ..checks import check_values, require_boundaries, require_same_device, require_size, require_tensor
 from ..registry import Impl
 
 registry.register(
     'varlen_attention',
-    impls={
-        'reference': Impl('reference'),
-        'sdpa': Impl('sdpa'),
-        'flash_attn': Impl('flash', devices=('cuda',), packages=('flash_attn',),
-                           check=lambda target: None if target.has_flash_attn else 'flash-attn 2 needs sm80+'),
-        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
-    },
+    {'reference': 'reference', 'sdpa': Impl('sdpa'),
+     'flash_attn': Impl('flash', devices=('cuda',), packages=('flash_attn',), extra='flash-attn',
+                        check=lambda target: None if target.has_flash_attn else 'flash-attn 2 needs sm80+'),
+     'npu': 'npu'},
     priority={
         'cuda': ['flash_attn', 'sdpa', 'reference'],
         'npu': ['npu', 'sdpa', 'reference'],
@@ -36,12 +33,15 @@ registry.register(
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, *,
-                     causal: bool = True, scale: Optional[float] = None,
+                     causal: bool = True, scale: Optional[float] = None, max_seqlen: Optional[int] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
     """Attention over packed sequences: ``q`` ``(total, heads, dim)``, ``k``/``v`` ``(total, kv_heads,
     dim)`` with kv_heads dividing heads (grouped-query attention), ``cu_seq_lens`` the int
     boundaries ``(sequences + 1,)``. Returns ``(total, heads, dim)`` in q's dtype.
 
+    ``max_seqlen`` is the longest sequence (an int the batch carries: ``max_length_q``); without it
+    the op reads it from ``cu_seq_lens``, which waits for the device. The boundaries' values are
+    checked where the batch is built (``checks.check_batch``), here only with TWINKLE_CHECK_VALUES=1.
     ``scale`` defaults to ``dim ** -0.5``; ``backend`` forces an implementation.
     """
     require_tensor('q', q, floating=True, dims=(3,))
@@ -57,20 +57,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_l
         raise ValueError(f'k: its {k.shape[1]} heads must divide the {q.shape[1]} heads of q')
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f'q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
-    _check_boundaries(cu_seq_lens, q.shape[0])
+    if cu_seq_lens.dtype.is_floating_point or cu_seq_lens.dtype == torch.bool or cu_seq_lens.numel() == 0:
+        raise ValueError(f'cu_seq_lens must be a non-empty integer tensor, got dtype {cu_seq_lens.dtype}')
+    if check_values():
+        require_boundaries('cu_seq_lens', cu_seq_lens, q.shape[0])
     scale = q.shape[2] ** -0.5 if scale is None else scale
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f'scale must be a positive finite number, got {scale!r}')
-    return registry.resolve('varlen_attention', backend, q.device)(q, k, v, cu_seq_lens, bool(causal), float(scale))
-
-
-def _check_boundaries(cu_seq_lens: torch.Tensor, total: int) -> None:
-    if cu_seq_lens.dtype.is_floating_point or cu_seq_lens.dtype == torch.bool or cu_seq_lens.numel() == 0:
-        raise ValueError(f'cu_seq_lens must be a non-empty integer tensor, got dtype {cu_seq_lens.dtype}')
-    bounds = cu_seq_lens.tolist()
-    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f'cu_seq_lens must rise from 0 to the {total} tokens of q without decreasing, '
-                         f'got {bounds[:8]}{"..." if len(bounds) > 8 else ""}')
+    if max_seqlen is None:
+        max_seqlen = int(cu_seq_lens.diff().max()) if cu_seq_lens.numel() > 1 else 0  # reads the device
+    elif isinstance(max_seqlen, torch.Tensor) or int(max_seqlen) < 0:
+        raise ValueError(f'max_seqlen must be a non-negative int (the batch\'s max_length_q), got {max_seqlen!r}')
+    return registry.resolve('varlen_attention', backend, q.device)(
+        q, k, v, cu_seq_lens, bool(causal), float(scale), int(max_seqlen))
 
 
 from .hf_attention import HF_ATTENTION_NAME, register_hf_attention  # noqa: E402  (uses the op above)

@@ -8,11 +8,10 @@ from . import sdpa
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor,
-                     causal: bool, scale: float) -> torch.Tensor:
+                     causal: bool, scale: float, max_seqlen: int) -> torch.Tensor:
     if q.dtype not in sdpa.HALF_DTYPES:
-        return sdpa.fallback('flash_attn', q, k, v, cu_seq_lens, causal, scale)
+        return sdpa.fallback('flash_attn', q, k, v, cu_seq_lens, causal, scale, max_seqlen)
     from flash_attn import flash_attn_varlen_func
     cu_seq_lens = cu_seq_lens.to(torch.int32)
-    longest = int(cu_seq_lens.diff().max()) if q.shape[0] else 0
-    return flash_attn_varlen_func(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest,
+    return flash_attn_varlen_func(q, k, v, cu_seq_lens, cu_seq_lens, max_seqlen, max_seqlen,
                                   softmax_scale=scale, causal=causal)

@@ -7,6 +7,11 @@ or from ``cu_seq_lens_q`` when the batch carries it, and from the padding mask: 
 hands this implementation the 2-D mask (the flash-attention convention) instead of building a
 4-D one, and pads are dropped before attention. So packed rows, padded rows and padded packed
 rows all attend within their sequences only. Training only: no KV cache, no dropout.
+
+The fast path is the packed batch twinkle's InputProcessor builds: ``cu_seq_lens_q`` and
+``max_length_q`` computed once per batch on the host, no padding mask. Then no layer reads a
+tensor's values (no host-device sync per layer). Boundaries derived here from ``position_ids`` or
+a padding mask need one read per layer (the number of sequences and real tokens).
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ def register_hf_attention() -> str:
 def hf_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
                         dropout: float = 0.0, position_ids: Optional[torch.Tensor] = None,
-                        cu_seq_lens_q: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None,
-                        **_) -> Tuple[torch.Tensor, None]:
+                        cu_seq_lens_q: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None,
+                        sliding_window: Optional[int] = None, **_) -> Tuple[torch.Tensor, None]:
     """Hugging Face's attention signature: ``query`` ``(batch, heads, seq, dim)`` in, ``(batch, seq,
     heads, dim)`` out, no attention weights."""
     from . import varlen_attention
@@ -51,7 +56,9 @@ def hf_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         q, k, v = q[real], k[real], v[real]
     if cu_seq_lens_q is None or real is not None:
         cu_seq_lens_q = _boundaries(position_ids, attention_mask, batch, length, query.device)
-    out = varlen_attention(q, k, v, cu_seq_lens_q, causal=getattr(module, 'is_causal', True), scale=scaling)
+        max_length_q = None  # the batch's describes the rows with their pads
+    out = varlen_attention(q, k, v, cu_seq_lens_q, causal=getattr(module, 'is_causal', True), scale=scaling,
+                           max_seqlen=None if max_length_q is None else int(max_length_q))
     if real is not None:
         out = out.new_zeros(batch * length, heads, dim).index_put((real,), out)
     return out.reshape(batch, length, heads, dim), None

@@ -20,10 +20,11 @@ def _causal_mask(device: torch.device) -> torch.Tensor:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor,
-                     causal: bool, scale: float) -> torch.Tensor:
+                     causal: bool, scale: float, max_seqlen: int) -> torch.Tensor:
     if q.dtype not in sdpa.HALF_DTYPES:
-        return sdpa.fallback('npu', q, k, v, cu_seq_lens, causal, scale)
+        return sdpa.fallback('npu', q, k, v, cu_seq_lens, causal, scale, max_seqlen)
     import torch_npu
+    # npu_fusion_attention takes the sequence ends as a host list: one read of cu_seq_lens per call.
     ends = [end for end in dict.fromkeys(cu_seq_lens[1:].tolist()) if end > 0]  # empty sequences dropped
     masking = {'atten_mask': _causal_mask(q.device), 'sparse_mode': 3} if causal else {}
     return torch_npu.npu_fusion_attention(q, k, v, q.shape[1], 'TND', scale=scale, keep_prob=1.0,

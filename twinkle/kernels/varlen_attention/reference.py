@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor,
-                     causal: bool, scale: float) -> torch.Tensor:
+                     causal: bool, scale: float, max_seqlen: int) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seq_lens.tolist()
     outputs = []

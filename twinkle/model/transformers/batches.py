@@ -1,9 +1,11 @@
 """From what the user passes to ``forward_backward`` to the tensors the model call takes."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
+
+from twinkle.kernels.checks import check_batch
 
 # Keys of a collated batch that Hugging Face causal LMs accept (the cu_seq_lens/max_length ones
 # carry packed-sequence boundaries to varlen attention).
@@ -11,8 +13,12 @@ MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids', 'cu_seq_lens_
                     'max_length_q', 'max_length_k')
 
 
-def to_batches(inputs: Any, processor, template, device: torch.device) -> Iterable[Dict[str, Any]]:
-    """Collated micro-batches on ``device`` from a collated dict, or a list of features/trajectories."""
+def to_batches(inputs: Any, processor, template, device: torch.device,
+               vocab_size: Optional[int] = None) -> Iterable[Dict[str, Any]]:
+    """Collated micro-batches on ``device`` from a collated dict, or a list of features/trajectories.
+
+    Their values (ids within ``vocab_size``, packed boundaries) are checked here, once per batch and
+    before the move to the device, since the kernels no longer read values per call."""
     if isinstance(inputs, Mapping):
         batches = [_collated(inputs)]
     elif isinstance(inputs, Sequence) and not isinstance(inputs, str) and len(inputs) > 0:
@@ -23,6 +29,8 @@ def to_batches(inputs: Any, processor, template, device: torch.device) -> Iterab
         batches = processor.micro_batches(features)
     else:
         raise ValueError(f'inputs must be a batch dict or a non-empty list of samples, got {type(inputs).__name__}')
+    for batch in batches:
+        check_batch(batch, vocab_size)
     return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
 
 

@@ -395,7 +395,8 @@ class TransformersModel(TwinkleModel):
         return torch.amp.GradScaler(self.device.torch_device_type)
 
     def _batches(self, inputs) -> Iterable[Dict[str, Any]]:
-        return to_batches(inputs, self.processor, self.template, self.device.local_device())
+        vocab_size = getattr(self._base_model().config, 'vocab_size', None)
+        return to_batches(inputs, self.processor, self.template, self.device.local_device(), vocab_size)
 
     def _run(self, batch: Dict[str, Any], loss: Loss, want_loss: bool = True):
         if 'cu_seq_lens_q' in batch:

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..moe_permute import moe_permute
-from ..moe_unpermute import moe_unpermute
 from ..swiglu.module import is_silu
-from . import grouped_experts
+from .grouped_experts import grouped_experts
+from .permute import moe_permute
+from .unpermute import moe_unpermute
 
 # The layout flags HF's experts carry (use_experts_implementation), as this module computes them.
 SWIGLU_LAYOUT = {'has_gate': True, 'has_bias': False, 'is_transposed': False, 'is_concatenated': True,

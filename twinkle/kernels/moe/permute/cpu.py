@@ -4,7 +4,7 @@ into a zeroed buffer as autograd's index backward does)."""
 import torch
 import torch.nn.functional as F
 
-from .routing import sort_by_expert
+from ..routing import sort_by_expert
 
 
 class MoePermuteFunction(torch.autograd.Function):

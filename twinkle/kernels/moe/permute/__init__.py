@@ -12,24 +12,12 @@ from typing import Optional
 
 import torch
 
-from .. import registry
-from ..checks import require_same_device, require_size, require_tensor
-from ..registry import Impl
+from ... import registry
+from ...checks import (check_values, require_ids_in_range, require_integer, require_same_device, require_size,
+                       require_tensor)
+from ..routing import ROUTING_BACKENDS
 
-# Dispatch and combine (moe_unpermute) come as a pair: the same backends, the same preferences.
-ROUTING_IMPLS = {
-    'reference': registry.REFERENCE,
-    'cpu': Impl('cpu', devices=('cpu',)),
-    'triton': registry.TRITON,
-    'npu': registry.NPU,
-}
-ROUTING_PRIORITY = {**registry.DEFAULT_PRIORITY, 'cuda': ['triton', 'reference']}
-registry.register('moe_permute', impls=ROUTING_IMPLS, priority=ROUTING_PRIORITY)
-
-
-def require_integer(name: str, value: torch.Tensor) -> None:
-    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-        raise ValueError(f'{name} must be an integer tensor, got dtype {value.dtype}')
+registry.register('moe_permute', ROUTING_BACKENDS, package=__name__)
 
 
 def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
@@ -47,10 +35,8 @@ def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, 
     top_k = topk_ids.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f'topk_ids: top-k (its dim 1) must be in [1, num_experts={num_experts}], got {top_k}')
-    if topk_ids.numel():
-        low, high = (int(v) for v in torch.aminmax(topk_ids))
-        if low < 0 or high >= num_experts:
-            raise ValueError(f'topk_ids: expert ids must be in [0, {num_experts}), got values in [{low}, {high}]')
+    if check_values():  # the router computes topk_ids: only a debug run reads them (a host sync)
+        require_ids_in_range('topk_ids (expert ids)', topk_ids, num_experts)
     return registry.resolve('moe_permute', backend, hidden.device)(hidden, topk_ids, num_experts)
 
 

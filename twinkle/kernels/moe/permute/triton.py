@@ -2,8 +2,8 @@
 each token's k gradient rows are the kernels of triton_rows.py."""
 import torch
 
-from .routing import sort_by_expert
-from .triton_rows import copy_rows, sum_rows
+from ..routing import sort_by_expert
+from ..triton_rows import copy_rows, sum_rows
 
 
 class TritonMoePermuteFunction(torch.autograd.Function):

@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-from .. import registry
-from ..checks import require_same_device, require_size, require_tensor
-from ..moe_permute import require_integer
-from ..registry import Impl
+from ... import registry
+from ...checks import (check_values, require_group_sizes, require_integer, require_same_device, require_size,
+                       require_tensor)
+from ...registry import Impl
 
 
 def grouped_mm_check(target) -> Optional[str]:
@@ -34,13 +34,10 @@ def grouped_mm_check(target) -> Optional[str]:
 
 registry.register(
     'grouped_experts',
-    impls={
-        'reference': Impl('reference'),
-        'cpu': Impl('cpu', devices=('cpu',)),
-        'grouped_mm': Impl('grouped_mm', devices=('cpu', 'cuda'), check=grouped_mm_check),
-        'triton': Impl('triton', packages=('triton',), extra='triton', check=registry.triton_check),
-        'npu': Impl('npu', devices=('npu',), packages=('torch_npu',), extra='npu'),
-    },
+    {'reference': 'reference', 'cpu': 'cpu',
+     'grouped_mm': Impl('grouped_mm', devices=('cpu', 'cuda'), check=grouped_mm_check),
+     'triton': 'triton', 'npu': 'npu'},
+    package=__name__,
     priority={
         'cuda': ['grouped_mm', 'triton', 'reference'],
         'npu': ['npu', 'reference'],
@@ -75,15 +72,10 @@ def grouped_experts(permuted: torch.Tensor, tokens_per_expert: torch.Tensor, gat
             raise ValueError(f'{name} must have the dtype of permuted ({permuted.dtype}), got {weight.dtype}')
     require_same_device('permuted', permuted, tokens_per_expert=tokens_per_expert, gate_up_proj=gate_up_proj,
                         down_proj=down_proj)
-    if experts and int(tokens_per_expert.min()) < 0:
-        raise ValueError('tokens_per_expert must not be negative')
-    total = int(tokens_per_expert.sum())
-    if total != permuted.shape[0]:
-        raise ValueError(f'tokens_per_expert must sum to the rows of permuted ({permuted.shape[0]}), got {total}')
+    if check_values():  # moe_permute computes them: only a debug run reads them (a host sync)
+        require_group_sizes('tokens_per_expert', tokens_per_expert, permuted.shape[0], 'the rows of permuted')
     return registry.resolve('grouped_experts', backend, permuted.device)(
         permuted, tokens_per_expert, gate_up_proj, down_proj)
 
 
-from .module import TwinkleMoeExperts  # noqa: E402  (the module wraps the ops above)
-
-__all__ = ['grouped_experts', 'TwinkleMoeExperts']
+__all__ = ['grouped_experts']

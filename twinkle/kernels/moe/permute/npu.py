@@ -8,6 +8,7 @@ import torch
 
 from twinkle.backends.npu import torch_npu
 
+from ..routing import count_per_expert
 from . import reference
 
 
@@ -15,5 +16,5 @@ def moe_permute(hidden, topk_ids, num_experts):
     if hidden.shape[0] == 0:
         return reference.moe_permute(hidden, topk_ids, num_experts)
     permuted, sorted_indices = torch_npu().npu_moe_token_permute(hidden, topk_ids.to(torch.int32))
-    tokens_per_expert = torch.bincount(topk_ids.reshape(-1), minlength=num_experts)
+    tokens_per_expert = count_per_expert(topk_ids.reshape(-1), num_experts)
     return permuted, tokens_per_expert, sorted_indices.long().view(topk_ids.shape)

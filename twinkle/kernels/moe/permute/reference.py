@@ -7,5 +7,6 @@ def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
     flat_ids = topk_ids.reshape(-1)
     slot_of_row = torch.argsort(flat_ids, stable=True)  # row r holds choice slot t * k + j
     row_map = torch.argsort(slot_of_row).view(topk_ids.shape)
-    tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=flat_ids.device).scatter_add_(
+        0, flat_ids.long(), torch.ones_like(flat_ids, dtype=torch.int64))
     return hidden[slot_of_row // top_k], tokens_per_expert, row_map

@@ -16,7 +16,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from ..swiglu import swiglu
+from ...swiglu import swiglu
 
 
 class GroupedGemm(Protocol):

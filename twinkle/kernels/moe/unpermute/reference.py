@@ -4,4 +4,6 @@ import torch
 
 
 def moe_unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    return (expert_out[row_map] * topk_weights.unsqueeze(-1)).sum(dim=1)
+    # index_select, not expert_out[row_map]: a negative row must fail, never wrap to the last row.
+    rows = expert_out.index_select(0, row_map.reshape(-1)).view(*row_map.shape, expert_out.shape[-1])
+    return (rows * topk_weights.unsqueeze(-1)).sum(dim=1)

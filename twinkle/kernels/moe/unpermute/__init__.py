@@ -10,11 +10,12 @@ from typing import Optional
 
 import torch
 
-from .. import registry
-from ..checks import require_same_device, require_size, require_tensor
-from ..moe_permute import ROUTING_IMPLS, ROUTING_PRIORITY, require_integer
+from ... import registry
+from ...checks import (check_values, require_ids_in_range, require_integer, require_same_device, require_size,
+                       require_tensor)
+from ..routing import ROUTING_BACKENDS
 
-registry.register('moe_unpermute', impls=ROUTING_IMPLS, priority=ROUTING_PRIORITY)
+registry.register('moe_unpermute', ROUTING_BACKENDS, package=__name__)
 
 
 def moe_unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor, *,
@@ -30,11 +31,8 @@ def moe_unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, topk_weights:
                          f'got {tuple(topk_weights.shape)}')
     require_size('expert_out', expert_out.shape[0], row_map.numel(), 'rows equal to the elements of row_map,')
     require_same_device('expert_out', expert_out, row_map=row_map, topk_weights=topk_weights)
-    if row_map.numel():  # as moe_permute checks topk_ids: an index out of range would wrap or crash
-        low, high = (int(v) for v in torch.aminmax(row_map))
-        if low < 0 or high >= expert_out.shape[0]:
-            raise ValueError(f'row_map: rows must be in [0, {expert_out.shape[0]}) (the rows of expert_out), '
-                             f'got values in [{low}, {high}]')
+    if check_values():  # a value check is a host sync: once per batch upstream, or here when debugging
+        require_ids_in_range('row_map', row_map, expert_out.shape[0])
     return registry.resolve('moe_unpermute', backend, expert_out.device)(
         expert_out, row_map.long(), topk_weights.to(expert_out.dtype))
 

@@ -3,8 +3,8 @@ token's output gradient to its k rows scaled by the routing weight, taking the w
 (the dot product with the saved expert output) in the same pass."""
 import torch
 
-from ..moe_permute.routing import slots_of_rows
-from ..moe_permute.triton_rows import copy_rows, sum_rows
+from ..routing import slots_of_rows
+from ..triton_rows import copy_rows, sum_rows
 
 
 class TritonMoeUnpermuteFunction(torch.autograd.Function):

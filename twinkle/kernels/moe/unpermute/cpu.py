@@ -5,7 +5,7 @@ in place into the expert-output gradient."""
 import torch
 import torch.nn.functional as F
 
-from ..moe_permute.routing import slots_of_rows
+from ..routing import slots_of_rows
 
 
 class MoeUnpermuteFunction(torch.autograd.Function):
