@@ -3,6 +3,7 @@ torchrun; writes the global loss per step (metrics all-reduced over data ranks) 
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,9 +38,7 @@ def main(out: str, lora: bool) -> None:
             json.dump(losses, handle)
 
 
-if __name__ == '__main__':  # launched by path (tests/ is not importable): the teardown is written out
-    try:
-        main(sys.argv[1], lora=sys.argv[2] == 'lora')
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+if __name__ == '__main__':  # launched by path: tests/ is importable once the repository root is on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.torchrun_job import run
+    run(main, sys.argv[1], lora=sys.argv[2] == 'lora')
