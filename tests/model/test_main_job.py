@@ -41,7 +41,7 @@ def test_main_job_trains_summarises_and_saves(main_job):
     nproc, out, output = main_job
     assert 'loss: first' in output and 'trained tokens/s' in output
     assert ('ep_size=2' if nproc == 2 else 'one process') in output
-    assert "held-out question: 'What is your name?'" in output
+    assert 'held-out question:' in output and 'name' in output.split('held-out question:')[1].splitlines()[0]
     assert 'before training:' in output and 'after training:' in output
     assert output.count(' MiB') >= nproc and 'peak memory per rank' in output
     for op in ('moe_permute', 'grouped_experts', 'moe_unpermute', 'fused_linear_cross_entropy', 'rms_norm'):

@@ -59,7 +59,9 @@ def write_full_state_dict(model: nn.Module, directory: str, *, safe_serializatio
         if _rank() == 0:
             state_dict.update(experts)
             tensors = len(state_dict)  # save_pretrained may empty the dict
-            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization)
+            # peft would otherwise add the (frozen, tied) embedding matrix when LoRA targets lm_head
+            extra = {'save_embedding_layers': False} if is_peft else {}
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=safe_serialization, **extra)
             logger.info('wrote %s weights (%d tensors)', 'adapter' if is_peft else 'full', tensors)
         _barrier()
 

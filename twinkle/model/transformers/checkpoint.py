@@ -27,7 +27,7 @@ def save(model: nn.Module, path: str, *, adapter: Optional[str], tokenizer=None,
          trainer_state: Optional[dict] = None) -> None:
     with atomic_directory(path) as staging:
         if adapter is not None:
-            model.save_pretrained(staging, selected_adapters=[adapter])
+            model.save_pretrained(staging, selected_adapters=[adapter], save_embedding_layers=False)
         else:
             model.save_pretrained(staging)
         if tokenizer is not None:
