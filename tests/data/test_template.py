@@ -110,7 +110,9 @@ def test_batch_encode_keeps_columns_and_drops_deleted_rows(tokenizer):
     ({'messages': []}, 'needs a non-empty "messages" list'),
     ({'messages': [{'role': 'robot', 'content': 'x'}]}, r'messages\[0\] needs a role'),
     ({'messages': [{'role': 'user', 'content': 'x'}, {'role': 'assistant'}]},
-     r'messages\[1\] \(assistant\) has no text'),
+     r'messages\[1\].content \(assistant\) must be a string, got NoneType'),
+    ({'messages': [{'role': 'user', 'content': 7}, {'role': 'assistant', 'content': 'x'}]},
+     r'sample 4: messages\[0\].content \(user\) must be a string, got int 7'),
 ])
 def test_bad_trajectories_name_the_sample(template, trajectory, message):
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,7 @@ seeds' examples::
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Type, Union
@@ -68,7 +69,7 @@ class Dataset(torch.utils.data.Dataset):
             import datasets
             if streaming:
                 raise ValueError('streaming applies to files; in-memory rows are already loaded')
-            self.datasets['rows'] = datasets.Dataset.from_list(list(rows))
+            self.datasets['rows'] = _table_of(list(rows))
         else:
             self.add_dataset(dataset_meta)
 
@@ -187,14 +188,15 @@ def _load(meta: DatasetMeta, streaming: bool):
     if location.hub != hub.LOCAL:
         loaded = hub.load_dataset(meta.dataset_id, meta.subset_name, meta.split, streaming=streaming)
     elif os.path.isdir(location.name):
-        loaded = datasets.load_dataset(location.name, split=meta.split, streaming=streaming)
+        loaded = _read_local(location.name, _files_in(location.name), streaming,
+                             lambda: datasets.load_dataset(location.name, split=meta.split, streaming=streaming))
     else:
         suffix = os.path.splitext(location.name)[1].lower()
         if suffix not in _FILE_LOADERS:
             raise ValueError(f'dataset_id {meta.dataset_id!r}: unsupported file type {suffix!r}; '
                              f'supported: {", ".join(_FILE_LOADERS)}')
-        loaded = datasets.load_dataset(_FILE_LOADERS[suffix], data_files=location.name, split='train',
-                                       streaming=streaming)
+        loaded = _read_local(location.name, [location.name], streaming, lambda: datasets.load_dataset(
+            _FILE_LOADERS[suffix], data_files=location.name, split='train', streaming=streaming))
     if meta.data_slice is None:
         return loaded
     if streaming:
@@ -202,6 +204,78 @@ def _load(meta: DatasetMeta, streaming: bool):
     if len(loaded) == 0:
         raise ValueError(f'dataset {meta.dataset_id!r} is empty, so data_slice selects nothing')
     return loaded.select([i % len(loaded) for i in meta.data_slice])
+
+
+def _table_of(rows: List[Dict[str, Any]]):
+    """In-memory rows as a ``datasets.Dataset``; a column of mixed types is named with two rows."""
+    import datasets
+    import pyarrow
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
+        first_seen: Dict[str, Any] = {}
+        for index, row in enumerate(rows):
+            for field, value in row.items():
+                if value is None:
+                    continue
+                seen = first_seen.setdefault(field, (index, type(value)))
+                if seen[1] is not type(value):
+                    raise ValueError(f'rows: field {field!r} is {seen[1].__name__} in row {seen[0]} but '
+                                     f'{type(value).__name__} in row {index}; a field holds one type') from error
+        raise ValueError(f'rows could not be stored as a table: {error}') from error
+
+
+def _files_in(directory: str) -> List[str]:
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names
+                  if os.path.splitext(name)[1].lower() in _FILE_LOADERS)
+
+
+def _read_local(source: str, files: List[str], streaming: bool, read: Callable):
+    """``read()`` of local ``files``, with errors that name the file, and the line of a bad jsonl record
+    (``datasets`` reports a parser position inside its own chunking, or nothing useful, for both)."""
+    if files and all(_holds_no_rows(path) for path in files):
+        raise ValueError(f'dataset {source!r} is empty: {", ".join(files)} holds no rows')
+    try:
+        loaded = read()
+    except Exception as error:  # datasets wraps the parser's error; find the line it means
+        for path in files:
+            if path.lower().endswith(('.jsonl', '.json')):
+                _require_json_records(path)
+        raise ValueError(f'dataset {source!r} could not be read: {error}') from error
+    if not streaming and len(loaded) == 0:
+        raise ValueError(f'dataset {source!r} is empty: it holds no rows')
+    return loaded
+
+
+def _holds_no_rows(path: str) -> bool:
+    """Blank, or a csv with at most its header (parquet files are never treated as empty here)."""
+    if path.lower().endswith('.parquet') or os.path.getsize(path) > 1 << 20:
+        return os.path.getsize(path) == 0
+    with open(path, encoding='utf-8', errors='replace') as stream:
+        lines = [line for line in stream if line.strip()]
+    return len(lines) <= (1 if path.lower().endswith('.csv') else 0)
+
+
+def _require_json_records(path: str) -> None:
+    """Raise naming the first line of a json-lines file that is not one JSON object."""
+    with open(path, encoding='utf-8', errors='replace') as stream:
+        text = stream.read()
+    if path.lower().endswith('.json') and text.lstrip()[:1] == '[':
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'{path}: line {error.lineno} is not valid JSON ({error.msg})') from None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'{path}: line {number} is not valid JSON ({error.msg}): {line[:80]!r}') from None
+        if not isinstance(record, dict):
+            raise ValueError(f'{path}: line {number} is a JSON {type(record).__name__}, not an object (one row '
+                             f'per line)')
 
 
 def _length(ds) -> Optional[int]:

@@ -5,7 +5,8 @@ List]) -> Dict[str, List]`` (``datasets.map(batched=True)``), and may return few
 (a row it cannot use is dropped). Subclasses either override ``__call__`` in that form (with
 ``map_col_to_row`` / ``map_row_to_col`` to work row by row), or, simpler, implement
 ``preprocess(row) -> Trajectory`` (None drops the row) and declare ``required_fields``: a row lacking
-one fails with the row's index and the field's name, so a bad row in a million is found at once.
+one fails with the row's index and the field's name, so a bad row in a million is found at once;
+so does a row whose ``text_fields`` value is not a string (a number where the prompt should be).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Preprocessor:
     """Subclasses set ``required_fields`` and implement ``preprocess(row)``, or override ``__call__``."""
 
     required_fields: Tuple[str, ...] = ()
+    text_fields: Tuple[str, ...] = ()
 
     def preprocess(self, row: Dict[str, Any]) -> Optional[Trajectory]:
         raise NotImplementedError
@@ -33,6 +35,10 @@ class Preprocessor:
                 if row.get(field) is None:
                     raise ValueError(f'row {index}: missing required field {field!r} '
                                      f'({type(self).__name__} needs {", ".join(self.required_fields)})')
+            for field in self.text_fields:
+                if row.get(field) is not None and not isinstance(row[field], str):
+                    raise ValueError(f'row {index}: field {field!r} must be a string, got '
+                                     f'{type(row[field]).__name__} {row[field]!r}')
             trajectory = self.preprocess(row)
             if trajectory is not None:
                 trajectories.append(trajectory)

@@ -16,7 +16,7 @@ class SelfCognitionProcessor(Preprocessor):
     upstream, each trajectory starts with the default system message.
     """
 
-    required_fields = ('query', 'response')
+    required_fields = text_fields = ('query', 'response')
     system = 'You are a helpful assistant.'
 
     def __init__(self, model_name: str, model_author: str):
@@ -38,6 +38,7 @@ class AlpacaProcessor(Preprocessor):
     """``instruction`` (+ optional ``input``) -> ``output``."""
 
     required_fields = ('instruction', 'output')
+    text_fields = ('instruction', 'input', 'output')
 
     def preprocess(self, row: Dict[str, Any]) -> Trajectory:
         prompt = row['instruction'] + (f'\n\n{row["input"]}' if row.get('input') else '')
@@ -51,7 +52,7 @@ class GSM8KProcessor(Preprocessor):
     ``user_data[0]['ground_truth']`` holds that final number for accuracy rewards.
     """
 
-    required_fields = ('question', 'answer')
+    required_fields = text_fields = ('question', 'answer')
     system = 'Solve the problem step by step, then give the final number after "####".'
 
     def preprocess(self, row: Dict[str, Any]) -> Trajectory:

@@ -149,8 +149,10 @@ def _checked_chat(trajectory: Trajectory, sample: str) -> Tuple[List[dict], Opti
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get('role') not in ROLES:
             raise ValueError(f'{sample}: messages[{i}] needs a role in {ROLES}, got {message!r}')
-        if not isinstance(message.get('content'), str) and not message.get('tool_calls'):
-            raise ValueError(f'{sample}: messages[{i}] ({message["role"]}) has no text content')
+        content = message.get('content')
+        if not isinstance(content, str) and not message.get('tool_calls'):
+            raise ValueError(f'{sample}: messages[{i}].content ({message["role"]}) must be a string, got '
+                             f'{type(content).__name__} {content!r}')
     tools = trajectory.get('tools')
     if isinstance(tools, str):  # datasets columns keep tool schemas as JSON text
         tools = json.loads(tools)
