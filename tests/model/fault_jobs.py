@@ -138,6 +138,29 @@ def job_uneven_data(out: str) -> dict:
     return {'error': None, 'steps': steps}
 
 
+def job_moved(out: str, phase: str) -> dict:
+    """Phase 'save': step, save a resumable checkpoint, two more steps. Phase 'resume': resume it and
+    take the same two steps. Run with different world sizes, the losses must agree."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    twinkle.initialize(global_device_mesh=DeviceMesh.from_sizes(fsdp_size=world), seed=0, timeout=TIMEOUT)
+    model = lora_model()
+    share = 4 // world
+
+    def step(seed):
+        model.forward_backward(inputs=token_batch(size=4, seed=seed)[rank() * share:(rank() + 1) * share])
+        model.clip_grad_and_step()
+        return model.calculate_metric()['loss']
+    if phase == 'save':
+        step(0)
+        model.save(CHECKPOINT, output_dir=out, save_optimizer=True)
+    else:
+        try:
+            model.resume_from_checkpoint(os.path.join(out, CHECKPOINT))
+        except ValueError as error:
+            return {'error': str(error)}
+    return {'losses': [step(1), step(2)], 'world': world}
+
+
 if __name__ == '__main__':
     job, out_dir, *args = sys.argv[1:]
     result = globals()[f'job_{job}'](out_dir, *args)

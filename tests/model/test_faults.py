@@ -80,3 +80,31 @@ def test_ranks_with_different_step_counts_fail_with_a_message(tmp_path):
         seen = result(tmp_path, 'uneven_data', rank)
         assert seen['steps'] == 0, seen
         assert 'rank 0: 2 steps' in seen['error'] and 'rank 1: 4 steps' in seen['error'], seen['error']
+
+
+def one_process(job: str, out: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOBS), job, str(out), *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+
+
+def test_checkpoint_of_two_ranks_resumes_exactly_in_one_process(tmp_path):
+    """The sharded (DCP) resume state reshards onto one process: the next two losses are the ones the
+    two-rank job computed (the second one depends on the restored AdamW moments)."""
+    done = torchrun('moved', tmp_path, 'save')
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = result(tmp_path, 'moved', 0)
+    done = one_process('moved', tmp_path, 'resume')
+    assert done.returncode == 0, done.stderr[-4000:]
+    resumed = result(tmp_path, 'moved', 0)
+    assert (saved['world'], resumed['world']) == (2, 1)
+    assert resumed['losses'] == pytest.approx(saved['losses'], rel=1e-5)
+
+
+def test_one_process_checkpoint_resumed_on_two_ranks_says_the_world_size_differs(tmp_path):
+    done = one_process('moved', tmp_path, 'save')
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = torchrun('moved', tmp_path, 'resume')
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        error = result(tmp_path, 'moved', rank)['error']
+        assert 'saved by one process' in error and 'resumed on 2 ranks' in error, error

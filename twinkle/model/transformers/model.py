@@ -317,6 +317,7 @@ class TransformersModel(TwinkleModel):
             self._ensure_parallel()
             recover_checkpoint(path)
             if load_optimizer:
+                self._require_sharded_state(path)
                 state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
             elif state.name:  # a full adapter (every expert): each rank takes its slices, peft shards the rest
                 checkpoint.load(self.model, path, adapter=state.name, strict=strict,
@@ -325,11 +326,27 @@ class TransformersModel(TwinkleModel):
                 raise NotImplementedError('under FSDP, load full weights with from_pretrained (model_id=path); '
                                           'load(load_optimizer=True) resumes a sharded checkpoint')
             return
+        if load_optimizer and os.path.isdir(os.path.join(path, SHARDED_STATE)):  # saved on N ranks: DCP reshards
+            state.load_trainer_state(load_sharded(os.path.join(path, SHARDED_STATE), self.model, state.optimizer))
+            logger.info('resumed %s, a checkpoint of several ranks, in one process', path)
+            return
         trainer_state = checkpoint.load(self.model, path, adapter=state.name or None, strict=strict)
         if load_optimizer:
             if trainer_state is None:
                 raise ValueError(f'{path} holds no optimizer state (saved without save_optimizer=True)')
             state.load_trainer_state(trainer_state)
+
+    def _require_sharded_state(self, path: str) -> None:
+        """A one-process checkpoint keeps its optimizer state whole (``trainer_state.pt``), which
+        cannot be sharded onto ranks; say so rather than that the directory is not a checkpoint."""
+        recover_checkpoint(path)
+        if os.path.isdir(os.path.join(path, SHARDED_STATE)):
+            return
+        if os.path.exists(os.path.join(path, checkpoint.TRAINER_STATE)):
+            raise ValueError(f'{path} was saved by one process and is resumed on {self.device_mesh.data_world_size} '
+                             f'ranks: the world size differs, and its optimizer state is whole, not sharded. Resume '
+                             f'it in one process, or start from its weights (load() without load_optimizer)')
+        raise ValueError(f'{path} holds no resume state (saved without save_optimizer=True)')
 
     def resume_from_checkpoint(self, checkpoint_dir: str, adapter_name: Optional[str] = None) -> None:
         """Weights, optimizer, scheduler, scaler, step count and RNG state, for an exact continuation."""
