@@ -3,6 +3,9 @@
 //   d up = dy * gate * s,   d gate = dy * up * s * (1 + gate * (1 - s)),   s = sigmoid(gate).
 // The gradient of y.sum() arrives as one value expanded to y's shape; it is read as that value
 // rather than materialised (a full extra tensor at these sizes).
+// swiglu_backward_ writes d gate over gate and d up over up (each vector is loaded before either
+// store): when nothing else reads the inputs after backward, as in an MLP, the two gradients need
+// no memory of their own.
 #include <torch/library.h>
 
 #include "cpu_vec.h"
@@ -50,9 +53,10 @@ void backward_elements(const scalar_t* grad_y, bool grad_is_scalar, const scalar
       const int64_t at = start + i;
       auto dy = grad_is_scalar ? grad_scalar : load(grad_y + at, n);
       auto g = load(gate + at, n);
+      auto u = load(up + at, n);
       auto s = sigmoid(g);
       store(grad_up + at, dy * g * s, n);
-      store(grad_gate + at, dy * load(up + at, n) * s * (one + g * (one - s)), n);
+      store(grad_gate + at, dy * u * s * (one + g * (one - s)), n);
     });
   });
 }
@@ -75,25 +79,42 @@ at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_y, const at::Tensor& gate,
-                                                   const at::Tensor& up) {
-  check_inputs(gate, up);
+// The gradient as backward reads it: gate's dtype, and either one value broadcast (stride 0
+// everywhere, as from y.sum()) or contiguous.
+std::pair<at::Tensor, bool> gradient_values(const at::Tensor& grad_y, const at::Tensor& gate) {
   TORCH_CHECK(grad_y.sizes() == gate.sizes(), "swiglu_backward: grad_y must have the shape of gate");
   const auto grad_typed = grad_y.to(gate.scalar_type());
   const auto strides = grad_typed.strides();
-  const bool grad_is_scalar = std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; });
-  const auto grad_y_values = grad_is_scalar ? grad_typed : grad_typed.contiguous();
+  const bool is_scalar = std::all_of(strides.begin(), strides.end(), [](int64_t s) { return s == 0; });
+  return {is_scalar ? grad_typed : grad_typed.contiguous(), is_scalar};
+}
+
+void backward_into(const at::Tensor& grad_y, const at::Tensor& gate, const at::Tensor& up, at::Tensor& grad_gate,
+                   at::Tensor& grad_up) {
+  const auto [grad_values, grad_is_scalar] = gradient_values(grad_y, gate);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_backward", [&] {
+    backward_elements<scalar_t>(grad_values.const_data_ptr<scalar_t>(), grad_is_scalar, gate.const_data_ptr<scalar_t>(),
+                                up.const_data_ptr<scalar_t>(), grad_gate.mutable_data_ptr<scalar_t>(),
+                                grad_up.mutable_data_ptr<scalar_t>(), gate.numel());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_y, const at::Tensor& gate,
+                                                   const at::Tensor& up) {
+  check_inputs(gate, up);
   const auto gate_contiguous = gate.contiguous();
   const auto up_contiguous = up.contiguous();
   auto grad_gate = at::empty(gate.sizes(), gate.options());
   auto grad_up = at::empty(gate.sizes(), gate.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "swiglu_backward", [&] {
-    backward_elements<scalar_t>(grad_y_values.const_data_ptr<scalar_t>(), grad_is_scalar,
-                                gate_contiguous.const_data_ptr<scalar_t>(), up_contiguous.const_data_ptr<scalar_t>(),
-                                grad_gate.mutable_data_ptr<scalar_t>(), grad_up.mutable_data_ptr<scalar_t>(),
-                                gate.numel());
-  });
+  backward_into(grad_y, gate_contiguous, up_contiguous, grad_gate, grad_up);
   return {grad_gate, grad_up};
+}
+
+void swiglu_backward_(const at::Tensor& grad_y, at::Tensor& gate, at::Tensor& up) {
+  check_inputs(gate, up);
+  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(), "swiglu_backward_: gate and up must be contiguous");
+  TORCH_CHECK(!gate.is_alias_of(up), "swiglu_backward_: gate and up must not share memory");
+  backward_into(grad_y, gate, up, gate, up);
 }
 
 }  // namespace
@@ -101,10 +122,15 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_y, con
 
 TORCH_LIBRARY_FRAGMENT(twinkle_cpu, m) {
   m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor");
+  // The same forward; its autograd (kernels/swiglu/cpu.py) donates gate and up to swiglu_backward_.
+  m.def("swiglu_forward_donated(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_y, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu_backward_(Tensor grad_y, Tensor(a!) gate, Tensor(b!) up) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(twinkle_cpu, CPU, m) {
   m.impl("swiglu_forward", &twinkle::swiglu_forward);
+  m.impl("swiglu_forward_donated", &twinkle::swiglu_forward);
   m.impl("swiglu_backward", &twinkle::swiglu_backward);
+  m.impl("swiglu_backward_", &twinkle::swiglu_backward_);
 }

@@ -146,22 +146,34 @@ def select(op: str, device: DeviceLike = None) -> Selection:
     return _chosen[key]
 
 
-def resolve(op: str, backend: Optional[str] = None, device: DeviceLike = None) -> Callable:
-    """The function implementing ``op``: the forced ``backend`` or the selected one."""
-    return _op(op).functions[_loaded_backend(op, backend, device)]
+def resolve(op: str, backend: Optional[str] = None, device: DeviceLike = None,
+            variant: Optional[str] = None) -> Callable:
+    """The function implementing ``op``: the forced ``backend`` or the selected one. A ``variant``
+    (e.g. 'inplace') is the backend module's function ``<op>_<variant>``; a backend without one
+    gives its plain function, and says so once in the log."""
+    return _op(op).functions[_loaded_backend(op, backend, device, variant)]
 
 
 @torch.compiler.assume_constant_result
-def _loaded_backend(op: str, backend: Optional[str], device: DeviceLike) -> str:
-    """Choose (or check) the backend and import its module. torch.compile runs this once while
-    tracing and keeps the answer, so an op's first call may be inside a compiled graph: device
-    detection and imports are not traceable."""
+def _loaded_backend(op: str, backend: Optional[str], device: DeviceLike, variant: Optional[str] = None) -> str:
+    """Choose (or check) the backend, import its module and return the key of the function to call.
+    torch.compile runs this once while tracing and keeps the answer, so an op's first call may be
+    inside a compiled graph: device detection and imports are not traceable."""
     if backend is None:
         backend = select(op, device).backend
     else:
         _require_available(op, backend, device, why='backend=')
     _load(op, backend)
-    return backend
+    if variant is None:
+        return backend
+    key = f'{backend}:{variant}'
+    entry = _op(op)
+    if key not in entry.functions:
+        found = getattr(importlib.import_module(module_of(op, backend)), f'{op}_{variant}', None)
+        if found is None:
+            logger.info('kernel %s: backend %s has no %s variant; its plain function runs', op, backend, variant)
+        entry.functions[key] = found or entry.functions[backend]
+    return key
 
 
 def configure(overrides: Optional[Dict[str, str]] = None, **kwargs: str) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import swiglu
+from . import overwrite_refusal, swiglu
 
 
 # What HF builds for hidden_act 'silu' (matched by name: kernels do not import transformers).
@@ -39,4 +39,7 @@ class TwinkleSwiGLUMLP(nn.Module):
         if not is_silu(self.act_fn):
             raise ValueError(f'{type(self).__name__} computes silu(gate) * up, but this MLP\'s act_fn is '
                              f'{self.act_fn!r}; do not replace MLPs whose hidden_act is not silu')
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        # The projections' outputs are read by nothing but swiglu: backward may write over them.
+        inplace = torch.is_grad_enabled() and overwrite_refusal(gate) is None and overwrite_refusal(up) is None
+        return self.down_proj(swiglu(gate, up, inplace=inplace))
