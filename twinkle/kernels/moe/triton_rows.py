@@ -1,6 +1,6 @@
-"""Triton kernels that move token rows, shared by the Triton backends of moe_permute and
-moe_unpermute. One program per output row, the hidden dim walked in blocks; math in fp32,
-rounded once on store.
+"""Triton kernels that move token rows: the row kernels of the Triton backends of moe_permute and
+moe_unpermute (the contract is in routing.py). One program per output row, the hidden dim walked
+in blocks; math in fp32, rounded once on store.
 
 - ``copy_rows``: out[r] = scale[slot] * src[slot // k] for the slot row r came from, and optionally
   the dot product of src[slot // k] with other[r]. Dispatch (scale 1) and the combine's backward

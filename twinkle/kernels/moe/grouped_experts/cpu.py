@@ -2,17 +2,17 @@
 written in place into the output (no gather, no copy, no zero-fill of activations).
 
 On CPU ``torch._grouped_mm`` is itself a loop of GEMMs, so this runs the same GEMMs; what it
-saves is everything around them (see function.py). The group bounds are read to the host once
-per forward.
+saves is everything around them (see function.py). Each op reads the group bounds of its CPU
+tensor ``tokens_per_expert`` (host memory: no device to wait for).
 """
 import torch
 
-from .function import grouped_swiglu_experts
+from .function import define_grouped_experts
 
 
 class PerExpertGemm:
     @staticmethod
-    def groups(tokens_per_expert):
+    def groups(tokens_per_expert, rows):
         ends = torch.cumsum(tokens_per_expert, 0).tolist()
         return list(zip([0] + ends[:-1], ends))
 
@@ -41,4 +41,4 @@ class PerExpertGemm:
         return out
 
 
-grouped_experts = grouped_swiglu_experts(PerExpertGemm())
+grouped_experts = define_grouped_experts('twinkle_cpu', PerExpertGemm())

@@ -1,4 +1,4 @@
-"""Grouped SwiGLU experts on Ascend: the GEMM of function.py's shared Function is
+"""Grouped SwiGLU experts on Ascend: the GEMM of function.py's shared ops (``twinkle_npu::grouped_*``) is
 ``torch_npu.npu_grouped_matmul`` with the group sizes as a device tensor (``group_list_type=1``):
 ``group_type=0`` splits the rows of x (forward and input gradient, one (rows, N) output with
 ``split_item=2``); ``group_type=2`` splits the reduction dim, which is the per-expert weight
@@ -7,12 +7,12 @@ transposed view. Without rows the kernel is skipped.
 """
 from twinkle.backends.npu import torch_npu
 
-from .function import grouped_swiglu_experts, into
+from .function import define_grouped_experts, into
 
 
 class NpuGroupedGemm:
     @staticmethod
-    def groups(tokens_per_expert):
+    def groups(tokens_per_expert, rows):
         return tokens_per_expert.long()
 
     @staticmethod
@@ -37,4 +37,4 @@ def _grouped_matmul(x, weight, counts, split_item, group_type):
                                           group_type=group_type, group_list_type=1)[0]
 
 
-grouped_experts = grouped_swiglu_experts(NpuGroupedGemm())
+grouped_experts = define_grouped_experts('twinkle_npu', NpuGroupedGemm())

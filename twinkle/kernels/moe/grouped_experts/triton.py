@@ -1,32 +1,40 @@
-"""Grouped SwiGLU experts with a Triton grouped GEMM (the GEMM of function.py's shared Function).
+"""Grouped SwiGLU experts with a Triton grouped GEMM (the GEMM of function.py's shared ops,
+``twinkle_triton::grouped_*``).
 
 ``rows``: one program per (tile of at most BLOCK_M rows inside one group, block of BLOCK_N
-columns); the host lists the tiles from the group sizes, so no tile straddles two experts and
-experts without tokens cost nothing. ``per_group``: one program per (expert, BLOCK_M x BLOCK_N
-block of its output), walking the expert's rows as the reduction dim. Operands are multiplied in
-their dtype with fp32 accumulation (fp32 operands in IEEE fp32, not TF32), rounded once on store.
+columns), so no tile straddles two experts and experts without tokens cost nothing. The tile list
+is computed on the device, never read to the host: the grid is an upper bound of the tiles,
+rows // BLOCK_M + experts (each group wastes less than one tile), and the surplus programs exit
+at once. ``per_group``: one program per (expert, BLOCK_M x BLOCK_N block of its output), walking
+the expert's rows as the reduction dim. Operands are multiplied in their dtype with fp32
+accumulation (fp32 operands in IEEE fp32, not TF32), rounded once on store.
 A fixed tile config: multi-config autotuning needs a GPU, and this backend has only been run in
 the interpreter (on CUDA the ``grouped_mm`` backend comes first).
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .function import grouped_swiglu_experts
+from .function import define_grouped_experts
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
 
 @triton.jit
-def _rows_kernel(A, B, OUT, TILE_EXPERT, TILE_START, TILE_END, K, N,
+def _rows_kernel(A, B, OUT, TILE_EXPERT, FIRST_TILE, GROUP_START, GROUP_END, n_experts, K, N,
                  stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
                  ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tile = tl.program_id(0)
     expert = tl.load(TILE_EXPERT + tile).to(tl.int64)
-    rows = tl.load(TILE_START + tile).to(tl.int64) + tl.arange(0, BLOCK_M)
+    if expert >= n_experts:  # a surplus program of the upper-bound grid
+        return
+    first_row = tl.load(GROUP_START + expert) + (tile - tl.load(FIRST_TILE + expert)) * BLOCK_M
+    rows = first_row.to(tl.int64) + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < tl.load(TILE_END + tile)
+    row_mask = rows < tl.load(GROUP_END + expert)
     col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
@@ -71,28 +79,34 @@ def _precision(dtype: torch.dtype) -> str:
     return 'ieee' if dtype == torch.float32 else 'tf32'  # the latter is ignored for 16-bit operands
 
 
+class Groups(NamedTuple):
+    """Per expert: its first row, its end row and its first tile; per program of the ``rows``
+    grid: its expert (``experts`` for a surplus program)."""
+    starts: torch.Tensor
+    ends: torch.Tensor
+    first_tiles: torch.Tensor
+    tile_experts: torch.Tensor
+
+
 class TritonGroupedGemm:
     @staticmethod
-    def groups(tokens_per_expert):
-        """Per expert (start, end) on the device, and the row tiles of the ``rows`` kernel."""
-        counts = tokens_per_expert.tolist()
+    def groups(tokens_per_expert, rows):
         ends = torch.cumsum(tokens_per_expert, 0)
-        tiles = [(expert, row, min(row + BLOCK_M, end))
-                 for expert, (count, end) in enumerate(zip(counts, ends.tolist()))
-                 for row in range(end - count, end, BLOCK_M)]
-        device = tokens_per_expert.device
-        tile_tensors = torch.tensor(tiles or [(0, 0, 0)], dtype=torch.int64, device=device).t().contiguous()
-        return {'starts': ends - tokens_per_expert, 'ends': ends, 'tiles': tile_tensors, 'n_tiles': len(tiles)}
+        tiles = triton.cdiv(tokens_per_expert, BLOCK_M)
+        tile_ends = torch.cumsum(tiles, 0)
+        programs = torch.arange(rows // BLOCK_M + tokens_per_expert.shape[0], device=tokens_per_expert.device)
+        return Groups(ends - tokens_per_expert, ends, tile_ends - tiles,
+                      torch.searchsorted(tile_ends, programs, right=True))
 
     @staticmethod
     def rows(a, b, groups, out=None, accumulate=False):
         if out is None:
             out = a.new_empty(a.shape[0], b.shape[2])
         n_cols = b.shape[2]
-        if groups['n_tiles'] and n_cols:
-            tile_expert, tile_start, tile_end = groups['tiles']
-            _rows_kernel[(groups['n_tiles'], triton.cdiv(n_cols, BLOCK_N))](
-                a, b, out, tile_expert, tile_start, tile_end, a.shape[1], n_cols,
+        if a.shape[0] and n_cols:
+            _rows_kernel[(groups.tile_experts.shape[0], triton.cdiv(n_cols, BLOCK_N))](
+                a, b, out, groups.tile_experts, groups.first_tiles, groups.starts, groups.ends, groups.ends.shape[0],
+                a.shape[1], n_cols,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
                 ACCUMULATE=accumulate, PRECISION=_precision(a.dtype),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
@@ -100,15 +114,15 @@ class TritonGroupedGemm:
 
     @staticmethod
     def per_group(a, b, groups, out=None):
-        experts, m, n = groups['ends'].shape[0], a.shape[1], b.shape[1]
+        experts, m, n = groups.ends.shape[0], a.shape[1], b.shape[1]
         if out is None:
             out = a.new_empty(experts, m, n)
         if out.numel():
             _per_group_kernel[(experts, triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
-                a, b, out, groups['starts'], groups['ends'], m, n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                a, b, out, groups.starts, groups.ends, m, n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 out.stride(0), out.stride(1), out.stride(2), PRECISION=_precision(a.dtype),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         return out
 
 
-grouped_experts = grouped_swiglu_experts(TritonGroupedGemm())
+grouped_experts = define_grouped_experts('twinkle_triton', TritonGroupedGemm())
