@@ -7,6 +7,8 @@ Backends: cpu and triton (under the interpreter) for dispatch and combine; cpu, 
 CPU kernel) and triton for the experts. Inputs: fp32 and bf16, a routing that leaves an expert
 without tokens, and no tokens at all. (Numbers against the reference: test_moe_ops.py.)
 """
+import traceback
+
 import pytest
 import torch
 
@@ -89,6 +91,37 @@ def test_grouped_experts_ops_pass_opcheck(backend, dtype, tokens):
         (ops.grouped_down_backward, (grad_out, hidden.detach(), down.detach(), counts, *flag)) for flag in flags]
     for op, args in checks:
         torch.library.opcheck(op, args)
+
+
+# -- no host read in the GPU backends ------------------------------------------------------------
+
+READS = ('item', 'tolist', '__bool__', '__int__', '__float__', '__index__', 'nonzero', 'cpu', 'numpy')
+
+
+@pytest.mark.parametrize('experts', ['triton', 'grouped_mm'])
+def test_gpu_backends_read_no_tensor_value_to_the_host(experts, monkeypatch, fresh_registry):
+    """The backends CUDA runs (dispatch and combine in Triton; experts in grouped_mm or Triton, whose
+    tile list stays on the device) read no value of a tensor from the host, forward or backward.
+    Counted: the reads whose caller is twinkle's MoE code (the interpreter's own are not)."""
+    kernels.configure(moe_permute='triton', moe_unpermute='triton', grouped_experts=experts)
+    inputs = routing_inputs(70, torch.float32) + (leaf((EXPERTS, 2 * INTERMEDIATE, HIDDEN), torch.float32, 1),
+                                                  leaf((EXPERTS, HIDDEN, INTERMEDIATE), torch.float32, 2))
+    reads = []
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), name, reads))
+    experts_path(*inputs).sum().backward()
+    assert reads == []
+    assert all(tensor.grad is not None for tensor in inputs if tensor.requires_grad)
+
+
+def counting(method, name, reads):
+    def counted(tensor, *args, **kwargs):
+        caller = next(frame for frame in reversed(traceback.extract_stack()[:-1])
+                      if '/torch/' not in frame.filename)
+        if '/twinkle/kernels/moe/' in caller.filename:
+            reads.append(f'{name} at {caller.filename}:{caller.lineno}')
+        return method(tensor, *args, **kwargs)
+    return counted
 
 
 # -- fullgraph compile of the experts' path ------------------------------------------------------

@@ -8,7 +8,8 @@ until the end, 128 MiB more at the benchmark shape):
 - ``<namespace>::grouped_gate_up_forward``: x -> (gate, up), per group, into two contiguous
   (rows, I) buffers; saves x. Backward (``grouped_gate_up_backward``): dW_gate_up = [dgate; dup]^T x,
   dx = dgate W_gate + dup W_up (no concatenation).
-- ``swiglu(gate, up)``: twinkle's op (fused where the device has a kernel).
+- ``swiglu(gate, up)``: twinkle's op (fused where the device has a kernel), ``inplace`` when
+  autograd runs: its backward writes the gradients over gate and up, which nothing else reads.
 - ``<namespace>::grouped_down_forward``: h -> h W_down^T per group; saves h. Backward
   (``grouped_down_backward``): dh = dy W_down, dW_down = dy^T h.
 
@@ -20,7 +21,7 @@ from typing import Any, Optional, Protocol, Tuple
 
 import torch
 
-from ...swiglu import swiglu
+from ...swiglu import overwrite_refusal, swiglu
 
 
 class GroupedGemm(Protocol):
@@ -132,5 +133,7 @@ def define_grouped_experts(namespace: str, gemm: GroupedGemm):
 
     def grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj):
         gate, up = gate_up_forward(permuted, gate_up_proj, tokens_per_expert)
-        return down_forward(swiglu(gate, up), down_proj, tokens_per_expert)
+        # Nothing but swiglu reads gate and up: its backward may write their gradients over them.
+        inplace = torch.is_grad_enabled() and overwrite_refusal(gate) is None and overwrite_refusal(up) is None
+        return down_forward(swiglu(gate, up, inplace=inplace), down_proj, tokens_per_expert)
     return grouped_experts
