@@ -1,4 +1,5 @@
-"""The chunked host path shared by the cpu, npu and triton backends.
+"""The chunked host path shared by the cpu, npu and triton backends, and the torch ops every
+backend of this op is declared as.
 
 Tokens go through ``chunk_size`` rows at a time: the chunk's logits ``h_c @ W.T (+ b)`` land in
 one fp32 buffer of chunk_size x V, a *step* turns that buffer in place into the gradient of the
@@ -13,18 +14,27 @@ backward only scales them. Recomputing the logits in backward costs a fourth GEM
 this repo's CPU host (N=1024, H=512, V=151936, fp32, 1 thread) fwd+bwd takes 8.4 s of CPU that
 way against 5.9 s. 'none' has no choice: each token's upstream gradient must weight its row
 *inside* dW's sum over tokens, so its forward computes the loss only and backward recomputes.
+
+The ops (``define_ops``): ``<namespace>::fused_linear_cross_entropy_forward`` returns the loss and,
+for 'mean'/'sum', the gradients of the loss as more outputs, which ``setup_context`` saves and the
+autograd formula scales by the upstream gradient (a tensor: no host sync). Which gradients to
+compute is three bools of the schema, read from ``requires_grad`` and the grad mode by the caller;
+a gradient not asked for is an empty output. 'none' goes through ``<namespace>::
+fused_linear_cross_entropy_backward``, the loop again with a weight per token.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # step(logits fp32 rows x V, labels (rows,), want_grad, label_smoothing, softcap) -> fp32 loss per row;
 # with want_grad it leaves d(loss_row)/d(logits) in ``logits`` (unscaled: the host scales the small
 # rows x H operands of the gradient GEMMs instead of the rows x V buffer).
 ChunkStep = Callable[[torch.Tensor, torch.Tensor, bool, float, Optional[float]], torch.Tensor]
 Grads = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+Wanted = Tuple[bool, bool, bool]
 
 
 def torch_chunk_step(logits: torch.Tensor, labels: torch.Tensor, want_grad: bool, label_smoothing: float,
@@ -54,18 +64,17 @@ def torch_chunk_step(logits: torch.Tensor, labels: torch.Tensor, want_grad: bool
     return loss.squeeze(1)
 
 
-def chunk_rows(n_rows: int, weight: torch.Tensor, softcap: Optional[float], max_rows: int,
-               budget_bytes: int) -> int:
+def chunk_rows(weight: torch.Tensor, softcap: Optional[float], max_rows: int, budget_bytes: int) -> int:
     """Rows per chunk: ``max_rows`` (where the per-chunk GEMMs reach full-GEMM speed) unless the
     chunk's V-wide buffers -- fp32 logits, the low-precision GEMM output when the weight is not
     fp32, a second fp32 buffer for the softcap -- would exceed ``budget_bytes``. Multiples of
-    16 rows (whole GEMM register tiles)."""
+    16 rows (whole GEMM register tiles); ``chunked_pass`` trims it to the tokens there are."""
     per_logit = 4 + (4 if softcap is not None else 0) + (0 if weight.dtype == torch.float32
                                                           else weight.element_size())
-    rows = min(max_rows, max(1, budget_bytes // (weight.shape[0] * per_logit)))
+    rows = min(max_rows, max(1, budget_bytes // (max(weight.shape[0], 1) * per_logit)))
     if rows > 16:
         rows -= rows % 16
-    return max(1, min(rows, n_rows))
+    return rows
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, staging: Optional[torch.Tensor]) -> None:
@@ -82,7 +91,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, staging: Optio
 def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                  rows: Optional[torch.Tensor], *, step: ChunkStep, chunk_size: int, label_smoothing: float,
                  softcap: Optional[float], grad_scale: Union[None, float, torch.Tensor] = None,
-                 wanted: Tuple[bool, bool, bool] = (False, False, False)) -> Tuple[torch.Tensor, Grads]:
+                 wanted: Wanted = (False, False, False)) -> Tuple[torch.Tensor, Grads]:
     """Loss per token (fp32, 0 where ignored) and, when ``grad_scale`` (a number or one per
     token) is given, the ``wanted`` gradients of ``sum(grad_scale * loss)`` for (hidden, weight,
     bias); those of weight and bias stay fp32. ``rows`` lists the tokens to compute (None: all)."""
@@ -125,7 +134,8 @@ def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 def _valid_rows(labels: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch.Tensor], int]:
-    """Indices of the tokens that count (None when all do: chunks are then plain slices)."""
+    """Indices of the tokens that count (None when all do: chunks are then plain slices). The
+    count is read to the host: it sizes the loop (once per call, inside the op)."""
     valid = labels != ignore_index
     count = int(valid.sum())
     if count == labels.numel():
@@ -133,51 +143,161 @@ def _valid_rows(labels: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch
     return valid.nonzero().squeeze(1), count
 
 
-class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, softcap, chunk_size,
-                step, track_grads):
+class Passes(NamedTuple):
+    """What a backend brings to ``define_ops``: host functions over plain tensors and numbers.
+
+    ``forward(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
+    chunk_size, wanted) -> (loss, grads)``: the loss and, for 'mean'/'sum', the ``wanted``
+    gradients (hidden, weight, bias) of that loss, None where not wanted.
+    ``unreduced_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing,
+    softcap, chunk_size, wanted) -> grads``: the gradients of ``sum(grad_loss * loss)`` for 'none'."""
+    forward: Callable[..., Tuple[torch.Tensor, Grads]]
+    unreduced_backward: Callable[..., Grads]
+
+
+def chunked_passes(step: ChunkStep, max_rows: int, budget_bytes: int) -> Passes:
+    """The passes of a backend built on this loop: its per-chunk ``step`` and chunk sizing."""
+    def options(weight, label_smoothing, softcap, chunk_size):
+        return dict(step=step, chunk_size=chunk_size or chunk_rows(weight, softcap, max_rows, budget_bytes),
+                    label_smoothing=label_smoothing, softcap=softcap)
+
+    def forward(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size, wanted):
         rows, count = _valid_rows(labels, ignore_index)
-        ctx.reduction = reduction
-        ctx.options = dict(step=step, chunk_size=chunk_size, label_smoothing=label_smoothing, softcap=softcap)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        wanted = tuple(track_grads and need for need in ctx.needs_input_grad[:3])
+        settings = options(weight, label_smoothing, softcap, chunk_size)
         if reduction == 'none':
-            loss, _ = chunked_pass(hidden, weight, bias, labels, rows, **ctx.options)
-            ctx.save_for_backward(hidden, weight, bias, labels)
-            ctx.rows, ctx.wanted = rows, wanted
-            return loss
+            loss, _ = chunked_pass(hidden, weight, bias, labels, rows, **settings)
+            return loss, (None, None, None)
         scale = 1.0 / max(count, 1) if reduction == 'mean' else 1.0
-        loss, ctx.grads = chunked_pass(hidden, weight, bias, labels, rows, grad_scale=scale, wanted=wanted,
-                                       **ctx.options)
-        return loss.sum() * scale
+        losses, grads = chunked_pass(hidden, weight, bias, labels, rows, grad_scale=scale, wanted=wanted, **settings)
+        return losses.sum() * scale, grads
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.reduction == 'none':
-            hidden, weight, bias, labels = ctx.saved_tensors
-            _, (d_hidden, d_weight, d_bias) = chunked_pass(hidden, weight, bias, labels, ctx.rows,
-                                                           grad_scale=grad_loss, wanted=ctx.wanted, **ctx.options)
+    def unreduced_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
+                           chunk_size, wanted):
+        rows, _ = _valid_rows(labels, ignore_index)
+        _, grads = chunked_pass(hidden, weight, bias, labels, rows, grad_scale=grad_loss, wanted=wanted,
+                                **options(weight, label_smoothing, softcap, chunk_size))
+        return grads
+
+    return Passes(forward, unreduced_backward)
+
+
+def _gradient_outputs(hidden: torch.Tensor, weight: torch.Tensor, grads: Grads) -> Tuple[torch.Tensor, ...]:
+    """The op's gradient outputs: each computed gradient (dW and db fp32), or an empty tensor."""
+    empties = (hidden.new_empty(0), weight.new_empty(0, dtype=torch.float32),
+               weight.new_empty(0, dtype=torch.float32))
+    return tuple(empty if grad is None else grad for grad, empty in zip(grads, empties))
+
+
+def _gradient_fakes(hidden: torch.Tensor, weight: torch.Tensor, wanted: Wanted) -> Tuple[torch.Tensor, ...]:
+    want_hidden, want_weight, want_bias = wanted
+    return (hidden.new_empty(hidden.shape if want_hidden else (0,)),
+            weight.new_empty(weight.shape if want_weight else (0,), dtype=torch.float32),
+            weight.new_empty(weight.shape[:1] if want_bias else (0,), dtype=torch.float32))
+
+
+def _wanted(bias: Optional[torch.Tensor], hidden_grad: bool, weight_grad: bool, bias_grad: bool) -> Wanted:
+    return hidden_grad, weight_grad, bias_grad and bias is not None
+
+
+TWICE = ('fused_linear_cross_entropy: its gradients are computed during forward and scaled in place by the '
+         'first backward, so backward through it cannot run twice (retain_graph); use reduction="none" '
+         'and sum, which recomputes in backward')
+
+
+def _saved_gradients(ctx) -> Tuple[torch.Tensor, ...]:
+    """The gradients saved by forward, refused once a backward has scaled them in place (autograd's
+    version counter of saved tensors sees that mutation)."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if 'modified by an inplace operation' in str(error):
+            raise RuntimeError(TWICE) from error
+        raise
+
+
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad * grad_loss``: in place where autograd runs eagerly (no second V x H buffer, and the
+    version counter then refuses a second backward); out of place while traced, where
+    functionalization would rewrite the mutation anyway and AOTAutograd cannot partition a
+    backward that mutates a forward output (a second compiled backward is then simply right)."""
+    return grad * grad_loss if is_fake(grad) else grad.mul_(grad_loss)
+
+
+_DEFINED: Dict[str, Callable] = {}
+
+
+def define_ops(namespace: str, passes: Passes) -> Callable:
+    """Declare ``<namespace>::fused_linear_cross_entropy_forward`` / ``_backward`` over ``passes``
+    and return the backend function the registry calls (the public function's positional args).
+    One definition per namespace: a backend module imported again gets the ops of the first."""
+    if namespace in _DEFINED:
+        return _DEFINED[namespace]
+
+    @torch.library.custom_op(f'{namespace}::fused_linear_cross_entropy_forward', mutates_args=())
+    def forward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+                   ignore_index: int, reduction: str, label_smoothing: float, softcap: Optional[float],
+                   chunk_size: Optional[int], hidden_grad: bool, weight_grad: bool,
+                   bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss fp32, d_hidden, d_weight fp32, d_bias fp32); the gradients are empty unless
+        asked for and the reduction is 'mean' or 'sum'."""
+        loss, grads = passes.forward(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing,
+                                     softcap, chunk_size, _wanted(bias, hidden_grad, weight_grad, bias_grad))
+        return (loss, *_gradient_outputs(hidden, weight, grads))
+
+    @forward_op.register_fake
+    def _(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size,
+          hidden_grad, weight_grad, bias_grad):
+        loss = hidden.new_empty(labels.shape if reduction == 'none' else (), dtype=torch.float32)
+        in_forward = reduction != 'none'
+        wanted = _wanted(bias, hidden_grad, weight_grad, bias_grad)
+        return (loss, *_gradient_fakes(hidden, weight, tuple(in_forward and want for want in wanted)))
+
+    @torch.library.custom_op(f'{namespace}::fused_linear_cross_entropy_backward', mutates_args=())
+    def backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float,
+                    softcap: Optional[float], chunk_size: Optional[int], hidden_grad: bool, weight_grad: bool,
+                    bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """reduction='none': (d_hidden, d_weight fp32, d_bias fp32) of ``sum(grad_loss * loss)``."""
+        grads = passes.unreduced_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing,
+                                          softcap, chunk_size, _wanted(bias, hidden_grad, weight_grad, bias_grad))
+        return _gradient_outputs(hidden, weight, grads)
+
+    @backward_op.register_fake
+    def _(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, chunk_size,
+          hidden_grad, weight_grad, bias_grad):
+        return _gradient_fakes(hidden, weight, _wanted(bias, hidden_grad, weight_grad, bias_grad))
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size = inputs[:9]
+        _, *grads = output
+        ctx.mark_non_differentiable(*grads)
+        ctx.wanted = _wanted(bias, *inputs[9:])
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.unreduced = reduction == 'none'
+        if ctx.unreduced:
+            ctx.save_for_backward(hidden, weight, labels, bias)
+            ctx.options = (ignore_index, label_smoothing, softcap, chunk_size, *inputs[9:])
         else:
-            if ctx.grads is None:
-                raise RuntimeError('fused_linear_cross_entropy computes its gradients during forward and hands '
-                                   'them over once: backward through it cannot run twice (retain_graph)')
-            (d_hidden, d_weight, d_bias), ctx.grads = ctx.grads, None  # autograd can take them without a copy
-            if not bool(grad_loss == 1.0):
-                for grad in (d_hidden, d_weight, d_bias):
-                    if grad is not None:
-                        grad.mul_(grad_loss)
-        d_weight = None if d_weight is None else d_weight.to(ctx.dtypes[0])
-        d_bias = None if d_bias is None else d_bias.to(ctx.dtypes[1])
-        return (d_hidden, d_weight, d_bias) + (None,) * 8
+            ctx.save_for_backward(*grads)
 
+    def backward(ctx, grad_loss, *_grad_of_gradients):
+        if ctx.unreduced:
+            hidden, weight, labels, bias = ctx.saved_tensors
+            grads = backward_op(grad_loss, hidden, weight, labels, bias, *ctx.options)
+        else:
+            grads = tuple(_scaled(grad, grad_loss) if wanted else grad
+                          for grad, wanted in zip(_saved_gradients(ctx), ctx.wanted))
+        found = tuple(grad.to(dtype) if wanted else None for grad, wanted, dtype in zip(grads, ctx.wanted, ctx.dtypes))
+        return found[0], found[1], None, found[2], *(None,) * 8
 
-def chunked_op(step: ChunkStep, max_rows: int, budget_bytes: int) -> Callable:
-    """The op function of a backend built on this loop: its per-chunk ``step`` and chunk sizing."""
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
     def fused_linear_cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
                                    chunk_size):
-        chunk_size = chunk_size or chunk_rows(hidden.shape[0], weight, softcap, max_rows, budget_bytes)
-        return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index, reduction,
-                                                       label_smoothing, softcap, chunk_size, step,
-                                                       torch.is_grad_enabled())
+        grad_mode = torch.is_grad_enabled()
+        wanted = [grad_mode and tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias)]
+        return forward_op(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap,
+                          chunk_size, *wanted)[0]
+
+    _DEFINED[namespace] = fused_linear_cross_entropy
     return fused_linear_cross_entropy

@@ -1,4 +1,5 @@
-"""The fast CPU path: the shared chunked host loop with the in-place PyTorch step.
+"""The fast CPU path: the shared chunked host loop with the in-place PyTorch step, as the ops
+``twinkle_cpu::fused_linear_cross_entropy_forward`` / ``_backward``.
 
 128 rows per chunk. This is the knee measured on this repo's host (Xeon Sapphire Rapids, MKL,
 N=1024, H=512, V=151936, fp32, one thread, CPU time). Against the unchunked GEMMs, the three
@@ -8,9 +9,9 @@ More rows barely help speed and cost memory linearly: 128 x 151936 fp32 logits a
 which is 0.05x of eager PyTorch's 1.5 GiB above the dW + dH floor. The 128 MiB budget only
 trims rows past V ~ 260k (~175k for bf16 weights, ~130k with a softcap).
 """
-from .chunked import chunked_op, torch_chunk_step
+from .chunked import chunked_passes, define_ops, torch_chunk_step
 
 MAX_ROWS = 128
 CHUNK_BUDGET_BYTES = 128 << 20
 
-fused_linear_cross_entropy = chunked_op(torch_chunk_step, MAX_ROWS, CHUNK_BUDGET_BYTES)
+fused_linear_cross_entropy = define_ops('twinkle_cpu', chunked_passes(torch_chunk_step, MAX_ROWS, CHUNK_BUDGET_BYTES))

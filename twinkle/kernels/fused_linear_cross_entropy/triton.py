@@ -3,14 +3,15 @@
 Pass 1 streams the row once for the running max, the rescaled sum of exponentials and (for label
 smoothing) the sum of logits; pass 2, only when gradients are wanted, streams it again and
 overwrites each logit with its gradient. The GEMMs stay with torch (cuBLAS); the chunk loop is
-the one the cpu and npu backends share. The logits buffer is fp32, so the math is fp32 whatever
-the input dtype.
+the one the cpu and npu backends share, inside the ops ``twinkle_triton::
+fused_linear_cross_entropy_forward`` / ``_backward``. The logits buffer is fp32, so the math is
+fp32 whatever the input dtype.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .chunked import chunked_op
+from .chunked import chunked_passes, define_ops
 
 MAX_BLOCK = 16384
 MAX_ROWS = 2048  # not measured (no GPU here): GPU GEMMs need many rows to fill the SMs
@@ -79,4 +80,5 @@ def triton_chunk_step(logits, labels, want_grad, label_smoothing, softcap):
     return loss
 
 
-fused_linear_cross_entropy = chunked_op(triton_chunk_step, MAX_ROWS, CHUNK_BUDGET_BYTES)
+fused_linear_cross_entropy = define_ops('twinkle_triton',
+                                        chunked_passes(triton_chunk_step, MAX_ROWS, CHUNK_BUDGET_BYTES))
