@@ -74,21 +74,22 @@ def single_process(forced: bool = False) -> dict:
 
 def run_ep_rank(mesh, forced: bool) -> dict:
     from twinkle.parallel import all_reduce_sum
-    from twinkle.parallel.expert_parallel import apply_expert_parallel
+    from twinkle.parallel.expert_parallel import apply_expert_parallel, count_dispatched_bytes, expert_units
     model = apply_expert_parallel(build_model(), mesh)
     if forced:
         force_routing(model)
     rank, ranks = dist.get_rank(), dist.get_world_size()
     input_ids = batch()[rank::ranks]
-    result = forward_backward(model, input_ids)
+    with count_dispatched_bytes(model) as dispatched:
+        result = forward_backward(model, input_ids)
     experts = expert_parameters(model)
     for name, grad in result['grads'].items():
         if name not in experts:
             result['grads'][name] = all_reduce_sum(grad)
-    modules = [m for m in model.modules() if hasattr(m, 'dispatched_bytes')]
-    result.update(first_experts=[m.first_expert for m in modules], local_experts=[m.local_experts for m in modules],
-                  dispatched_bytes=sum(m.dispatched_bytes for m in modules),
-                  routed_bytes=len(modules) * input_ids.numel() * TOP_K * 64 * 4,
+    slices = [dispatcher for _, _, dispatcher in expert_units(model)]
+    result.update(first_experts=[s.first_expert for s in slices], local_experts=[s.local_experts for s in slices],
+                  dispatched_bytes=dispatched.total,
+                  routed_bytes=len(slices) * input_ids.numel() * TOP_K * 64 * 4,
                   expert_grad_names=sorted(experts))
     return result
 

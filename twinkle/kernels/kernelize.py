@@ -8,6 +8,7 @@ hub reference ``"org/repo:LayerName"`` (loaded through the optional ``kernels`` 
 
 Function replacements (dotted paths, e.g. RoPE) are process-wide: they change the modeling module,
 so every model of that family in the process uses them, as Liger's and HF's patching do.
+Which classes the automatic mapping replaces comes from ``families.py``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from twinkle import backends
 from twinkle.utils.logger import get_logger
 
+from . import families
 from .causal_lm import TwinkleCausalLMLoss
 from .moe import TwinkleMoeExperts
 from .rms_norm import TwinkleRMSNorm
@@ -31,30 +33,17 @@ logger = get_logger(__name__)
 
 MappingKey = Union[type, str]
 
-# Model families kernelize knows: modeling module -> class-name prefix.
-KNOWN_FAMILIES = {
-    'transformers.models.llama.modeling_llama': 'Llama',
-    'transformers.models.qwen2.modeling_qwen2': 'Qwen2',
-    'transformers.models.qwen3.modeling_qwen3': 'Qwen3',
-    'transformers.models.qwen3_moe.modeling_qwen3_moe': 'Qwen3Moe',
-}
-
 
 def hf_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """Hugging Face's signature (``unsqueeze_dim`` positional) over twinkle's RoPE op."""
     return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
-# Classes twinkle replaces on its own, matched by ``module.qualname`` so nothing is imported to match,
-# and the module-level functions replaced when a model of that family is kernelized.
-AUTO_MAPPING: Dict[str, Any] = {}
-AUTO_FUNCTIONS: Dict[str, Callable] = {}
-for _module, _prefix in KNOWN_FAMILIES.items():
-    AUTO_MAPPING[f'{_module}.{_prefix}RMSNorm'] = TwinkleRMSNorm
-    AUTO_MAPPING[f'{_module}.{_prefix}MLP'] = TwinkleSwiGLUMLP
-    AUTO_MAPPING[f'{_module}.{_prefix}ForCausalLM'] = TwinkleCausalLMLoss
-    AUTO_FUNCTIONS[f'{_module}.apply_rotary_pos_emb'] = hf_apply_rotary_pos_emb
-AUTO_MAPPING['transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts'] = TwinkleMoeExperts
+# What replaces each role of a known family (``families.py`` says which class plays it), and the
+# RoPE function replaced in the modeling module of a family whose classes the model contains.
+REPLACEMENTS: Dict[str, type] = {'norm': TwinkleRMSNorm, 'mlp': TwinkleSwiGLUMLP, 'experts': TwinkleMoeExperts,
+                                 'causal_lm': TwinkleCausalLMLoss}
+ROPE_REPLACEMENT: Callable = hf_apply_rotary_pos_emb
 
 _swapped_classes: Dict[tuple, type] = {}
 
@@ -92,7 +81,7 @@ def auto_mapping(model: nn.Module) -> Dict[MappingKey, Any]:
     kept_experts = set()
     for module in model.modules():
         cls = type(module)
-        replacement = AUTO_MAPPING.get(f'{cls.__module__}.{cls.__qualname__}')
+        replacement = REPLACEMENTS.get(families.role_of(cls))
         if replacement is TwinkleSwiGLUMLP and not is_silu(module.act_fn):
             logger.info('kernelize: %s kept (activation %s is not SiLU)', cls.__name__, module.act_fn)
             continue
@@ -104,9 +93,9 @@ def auto_mapping(model: nn.Module) -> Dict[MappingKey, Any]:
                 kept_experts.add(cls)
         if replacement is not None:
             found[cls] = replacement
-            rope_path = f'{cls.__module__}.apply_rotary_pos_emb'
-            if rope_path in AUTO_FUNCTIONS:
-                found[rope_path] = AUTO_FUNCTIONS[rope_path]
+            rope_path = families.family_of(cls).rope_path
+            if rope_path:
+                found[rope_path] = ROPE_REPLACEMENT
     return {key: value for key, value in found.items() if key not in kept_experts}
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .collectives import collective
-from .expert_parallel import ExpertParallelExperts, expert_units
+from .expert_parallel import AllToAllTokenDispatcher, expert_units
 
 # Where the experts sit in each expert-local tensor. Fused expert weights (E, out, in) stack them on
 # dim 0. peft's LoRA on a 3-D parameter keeps lora_A.weight (E * r, in), expert-major rows, and
@@ -31,8 +31,9 @@ def _expert_axis_view(name: str, tensor: torch.Tensor, experts: int) -> Tuple[to
                      f'expert parallelism knows fused expert weights and peft LoRA A/B on them')
 
 
-def _expert_local_parameters(model: nn.Module) -> Dict[str, Tuple[nn.Parameter, ExpertParallelExperts]]:
-    """Name (as in ``model.state_dict()``) of every expert-local parameter -> (it, its experts module)."""
+def _expert_local_parameters(model: nn.Module) -> Dict[str, Tuple[nn.Parameter, AllToAllTokenDispatcher]]:
+    """Name (as in ``model.state_dict()``) of every expert-local parameter -> (it, the dispatcher that
+    says which experts this rank holds)."""
     return {name: (parameter, base) for prefix, module, base in expert_units(model)
             for name, parameter in module.named_parameters(prefix=prefix)}
 
@@ -83,7 +84,7 @@ def shard_expert_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor
     return sharded
 
 
-def _scaled_shape(shape: torch.Size, key: str, base: ExpertParallelExperts, to_full: bool) -> Tuple[int, ...]:
+def _scaled_shape(shape: torch.Size, key: str, base: AllToAllTokenDispatcher, to_full: bool) -> Tuple[int, ...]:
     """The shape of the full (``to_full``) or local counterpart of an expert tensor of ``shape``."""
     ep_size = base.num_experts // base.local_experts
     axis = 1 if '.lora_B.' in key else 0

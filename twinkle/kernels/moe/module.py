@@ -11,6 +11,10 @@ Why the experts and not the whole sparse block: peft's LoRA on expert parameters
 called, through a parametrization of ``gate_up_proj`` / ``down_proj``. Reading the parameters
 through ``self`` inside ``forward`` is what makes the LoRA delta part of the computation; a block
 that read ``block.experts.gate_up_proj`` itself would silently bypass it.
+
+Where the rows come from is the token dispatcher's business (``dispatch.py``): all experts in this
+process by default; ``apply_expert_parallel`` slices the parameters and installs an all-to-all one.
+``num_experts`` is the count this module holds (HF's convention under expert parallelism too).
 """
 from typing import Optional
 
@@ -18,9 +22,8 @@ import torch
 from torch import nn
 
 from ..swiglu.module import is_silu
+from .dispatch import LOCAL_DISPATCHER, TokenDispatcher
 from .grouped_experts import grouped_experts
-from .permute import moe_permute
-from .unpermute import moe_unpermute
 
 # The layout flags HF's experts carry (use_experts_implementation), as this module computes them.
 SWIGLU_LAYOUT = {'has_gate': True, 'has_bias': False, 'is_transposed': False, 'is_concatenated': True,
@@ -28,6 +31,9 @@ SWIGLU_LAYOUT = {'has_gate': True, 'has_bias': False, 'is_transposed': False, 'i
 
 
 class TwinkleMoeExperts(nn.Module):
+
+    # A class default, not set in __init__: kernelize swaps the class of HF's modules (no __init__ runs).
+    token_dispatcher: TokenDispatcher = LOCAL_DISPATCHER
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -44,10 +50,10 @@ class TwinkleMoeExperts(nn.Module):
         input may differ) and the result has the input's dtype."""
         self._require_swiglu_layout()
         gate_up_proj, down_proj = self.gate_up_proj, self.down_proj  # through self: where peft's LoRA applies
-        permuted, tokens_per_expert, row_map = moe_permute(hidden_states.to(gate_up_proj.dtype), top_k_index,
-                                                           self.num_experts)
-        expert_out = grouped_experts(permuted, tokens_per_expert, gate_up_proj, down_proj)
-        return moe_unpermute(expert_out, row_map, top_k_weights).to(hidden_states.dtype)
+        dispatched = self.token_dispatcher.dispatch(hidden_states.to(gate_up_proj.dtype), top_k_index,
+                                                    self.num_experts)
+        expert_out = grouped_experts(dispatched.rows, dispatched.tokens_per_expert, gate_up_proj, down_proj)
+        return self.token_dispatcher.combine(expert_out, dispatched, top_k_weights).to(hidden_states.dtype)
 
     @staticmethod
     def swiglu_mismatch(experts: nn.Module) -> Optional[str]:
