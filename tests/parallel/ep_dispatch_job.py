@@ -50,7 +50,8 @@ def expert_parallel(mesh, forced: bool) -> dict:
         if name not in experts:
             result['grads'][name] = all_reduce_sum(grad)
     dispatchers = [module.token_dispatcher for module in experts_modules(model)]
-    result.update(first_experts=[d.first_expert for d in dispatchers], local_experts=[d.local_experts for d in dispatchers],
+    result.update(first_experts=[d.first_expert for d in dispatchers],
+                  local_experts=[d.local_experts for d in dispatchers],
                   expert_grad_names=sorted(experts),
                   twinkle_experts=all(isinstance(module, TwinkleMoeExperts) for module in experts_modules(model)))
     return result

@@ -85,5 +85,5 @@ def _lookup(cls: type) -> Optional[Tuple[ModelFamily, str]]:
     return None
 
 
-__all__ = ['EXPERT_PARAMETERS', 'FAMILIES', 'ROLES', 'ModelFamily', 'classes_playing', 'family_of', 'hugging_face_family',
-           'role_of']
+__all__ = ['EXPERT_PARAMETERS', 'FAMILIES', 'ROLES', 'ModelFamily', 'classes_playing', 'family_of',
+           'hugging_face_family', 'role_of']
