@@ -13,7 +13,7 @@ PIN        ?= constraints.txt
 PIP        := PIP_CONSTRAINT=$(if $(UPGRADE),,$(PIN)) $(PY) -m pip install -q
 PIP_UPGRADE := $(if $(UPGRADE),--upgrade --upgrade-strategy eager,)
 
-.PHONY: setup train test test-quick test-latest lock bench env clean
+.PHONY: setup train test test-quick test-latest lock bench gpu-check env clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ bench: setup
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(if $(FULL),--full)
 	$(PY) benchmarks/bench_packing.py $(if $(QUICK),--quick)
 	$(PY) benchmarks/bench_expert_parallel.py $(if $(QUICK),--quick)
+
+# On a CUDA machine, under 8 minutes: the kernel tests with Triton compiled (fp32, bf16, fp16), the kernel
+# benchmarks on the GPU, then benchmarks/results/gpu-check/cuda-<gpu>.{json,md}. Elsewhere: says so, exit 2.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/gpu_check.py
 
 env: setup
 	$(PY) -m twinkle env

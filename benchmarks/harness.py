@@ -1,7 +1,11 @@
 """Shared benchmark machinery: time and measure an op's variants, and the machine's physical limits.
 
 A variant is ``eager`` (the op's reference backend), ``compile`` (``torch.compile`` of it) or the
-name of a twinkle backend. Each (case, variant) runs in a fresh process (``python harness.py SPEC``):
+name of a twinkle backend. It runs on the device ``twinkle.backends.current()`` names
+(``TWINKLE_DEVICE``, which ``run.py --device`` sets): the bench modules build their workloads on the
+CPU and the harness moves them there; times wait for the device's queued work, peak memory is the
+device's (VmHWM on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+Each (case, variant) runs in a fresh process (``python harness.py SPEC``):
 its peak memory is then its own (no allocator cache or compiled code left by another variant), and a process started with ``TWINKLE_CPU_TUNING=0`` shows what the CPU tuning buys.
 The limits (copy bandwidth, GEMM rate, cost of faulting in fresh pages) are measured by the runner
 just before each case, so every ratio compares numbers taken side by side.
@@ -58,6 +62,28 @@ class Workload:
     grad_outputs: Optional[Sequence[torch.Tensor]] = None
 
 
+def on_device(work: Workload, device: torch.device) -> Workload:
+    """``work`` with its tensors and modules on ``device``. Leaves stay leaves, a moved module's
+    parameters replace the old ones among them, so backward fills the ``.grad`` the timing clears."""
+    moved = {}  # id of a tensor on the CPU -> its copy (or a module's parameter) on the device
+
+    def move(value):
+        if isinstance(value, torch.nn.Module):
+            before = list(value.parameters())
+            value.to(device)  # in place, or with new parameters (torch decides per device)
+            moved.update({id(old): new for old, new in zip(before, value.parameters())})
+            return value
+        if not isinstance(value, torch.Tensor) or value.device == device:
+            return value
+        if id(value) not in moved:
+            moved[id(value)] = value.detach().to(device).requires_grad_(value.requires_grad)
+        return moved[id(value)]
+
+    args = tuple(move(value) for value in work.args)  # modules first: their parameters are leaves
+    grads = None if work.grad_outputs is None else [move(grad) for grad in work.grad_outputs]
+    return Workload(args=args, leaves=[move(leaf) for leaf in work.leaves], grad_outputs=grads)
+
+
 # -- variants -------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -111,12 +137,17 @@ def make_variant(op: str, variant: str) -> Callable:
 # -- timing ---------------------------------------------------------------------------------
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` on the current device, waiting for its queued work (CUDA's is asynchronous)."""
+    from twinkle import backends
+    synchronize = backends.current().synchronize
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -154,7 +185,7 @@ def measure_variant(op: str, case: dict, variant: str, settings: Settings) -> di
     device = backends.current()        # applies the process tuning before any large allocation
     tuning = device.tune_process()
     bench = importlib.import_module(f'bench_{op}')
-    work = bench.workload(case)
+    work = on_device(bench.workload(case), device.local_device())
     fn = make_variant(op, variant)
     for _ in range(settings.warmup):   # torch.compile compiles here
         last = sum(_step(fn, work, device))
@@ -198,6 +229,8 @@ def run_variant(op: str, case: dict, variant: str, settings: Settings, tuning: b
 
 
 # -- physical limits ------------------------------------------------------------------------
+# Measured where the variants run: on an accelerator the runner makes it torch's default device,
+# so these probes and the bench modules' GEMMs-alone timings allocate there.
 
 def copy_gb_s(settings: Settings) -> float:
     """Copy bandwidth: bytes read + written per second, copying into a pre-faulted buffer."""

@@ -1,4 +1,4 @@
-"""The benchmark runner: ``python benchmarks/run.py [--quick] [--full] [--ops a,b] [--variants a,b]``.
+"""The benchmark runner: ``python benchmarks/run.py [--quick] [--full] [--ops a,b] [--variants a,b] [--device cuda]``.
 
 For every case of every op: the physical limits, then each variant in a fresh process; then it
 writes ``results/<machine>[-quick].json`` (ops measured by earlier runs are kept until re-measured),
@@ -23,6 +23,8 @@ import torch
 import harness
 import report
 
+from twinkle.backends import FAMILIES
+
 OPS = ('rms_norm', 'swiglu', 'rope', 'fused_linear_cross_entropy', 'moe')  # each has a bench_<op>.py
 
 
@@ -34,6 +36,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument('--ops', default=','.join(OPS), help='comma-separated subset of ' + ','.join(OPS))
     parser.add_argument('--variants', default='', help='only these variants (eager,compile,<backend>,...)')
     parser.add_argument('--out', type=Path, default=harness.BENCH_DIR, help='where RESULTS.md and results/ go')
+    parser.add_argument('--device', choices=sorted(FAMILIES),
+                        help='measure on this device family (default: the detected one); sets TWINKLE_DEVICE')
     parser.add_argument('--note', default='', help='a sentence about the run, shown in RESULTS.md')
     parser.add_argument('--report-only', action='store_true', help='measure nothing: redo RESULTS.md and plots')
     args = parser.parse_args(argv)
@@ -123,12 +127,18 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
         write_report(args.out)
         return None
     from twinkle import backends
+    if args.device:
+        os.environ['TWINKLE_DEVICE'] = args.device  # inherited by every measuring process
+        backends.reset()
     device = backends.current()  # CPU tuning on before the first large allocation
+    if device.type != 'cpu':
+        torch.set_default_device(device.local_device())  # the limits' probes run where the variants do
     machine = machine_facts(device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
     settings = harness.SETTINGS[args.size]
     run_info = {
-        'date': date, 'size': args.size, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+        'date': date, 'size': args.size, 'device': device.type, 'torch': torch.__version__,
+        'threads': torch.get_num_threads(),
         'tuning': device.tune_process(), 'load_average': round(os.getloadavg()[0], 2),
         'probes': {'copy_mib': settings.copy_mib, 'gemm_n': settings.gemm_n}, 'note': args.note,
     }
