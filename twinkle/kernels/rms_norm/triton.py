@@ -3,7 +3,14 @@ each accumulating its share of dW in fp32 so the reduction over rows needs no at
 
 Loads are upcast to fp32 and results rounded once on store (the interpreter's bf16 math is
 broken, and this is also what keeps low-precision results accurate on GPUs).
+
+Forward and backward are the torch ops ``twinkle_triton::rms_norm_forward`` / ``_backward``
+with fake kernels and autograd registered here, as the CPU path (``cpu.py``) does: torch.compile
+keeps each one node, no graph break and no tracing into the launches.
 """
+import math
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -63,47 +70,70 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return min(n_rows, 4)
 
 
-def rms_norm_forward(x, weight, eps, offset):
-    shape = x.shape
-    x2d = x.reshape(-1, shape[-1]).contiguous()
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as contiguous (rows, hidden), also when hidden is 0 (where ``reshape(-1, 0)`` fails)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op('twinkle_triton::rms_norm_forward', mutates_args=())
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: y like x (contiguous), rstd the fp32 per-row ``1 / rms`` (x's shape without
+    its last dim) that backward reuses instead of reducing each row again."""
+    x2d = _rows(x)
     n_rows, n_cols = x2d.shape
     y = torch.empty_like(x2d)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows:
+    rstd = torch.zeros(n_rows, dtype=torch.float32, device=x.device)  # stays 0 for rows of no columns
+    if x2d.numel():
         block, num_warps = _launch_settings(n_cols)
         _rms_norm_forward_kernel[(n_rows,)](x2d, weight.contiguous(), y, rstd, x2d.stride(0), y.stride(0),
                                             n_cols, eps, offset, BLOCK=block, num_warps=num_warps)
-    return y.view(shape), x2d, rstd
+    return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
-def rms_norm_backward(dy, x2d, weight, rstd, offset):
-    dy2d = dy.reshape(-1, x2d.shape[-1]).contiguous()
+@rms_norm_forward.register_fake
+def _rms_norm_forward_fake(x, weight, eps, offset):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op('twinkle_triton::rms_norm_backward', mutates_args=())
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)``: dx like x (contiguous), dweight in weight's dtype."""
+    x2d, dy2d = _rows(x), _rows(dy)
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
     programs = _backward_programs(n_rows, x2d.device)
     dw_partial = torch.zeros(max(programs, 1), n_cols, dtype=torch.float32, device=x2d.device)
-    if n_rows:
+    if x2d.numel():
         block, num_warps = _launch_settings(n_cols)
         _rms_norm_backward_kernel[(programs,)](
-            dy2d, x2d, weight.contiguous(), rstd, dx, dw_partial, dy2d.stride(0), x2d.stride(0), dx.stride(0),
-            n_rows, n_cols, offset, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=num_warps)
-    return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype)
+            dy2d, x2d, weight.contiguous(), rstd.contiguous(), dx, dw_partial, dy2d.stride(0), x2d.stride(0),
+            dx.stride(0), n_rows, n_cols, offset, triton.cdiv(n_rows, programs), BLOCK=block, num_warps=num_warps)
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 
-class TritonRMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, offset):
-        y, x2d, rstd = rms_norm_forward(x, weight, eps, offset)
-        ctx.save_for_backward(x2d, weight, rstd)
-        ctx.offset = offset
-        return y
+@rms_norm_backward.register_fake
+def _rms_norm_backward_fake(dy, x, weight, rstd, offset):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x2d, weight, rstd, ctx.offset)
-        return dx, dw, None, None
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, offset = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.offset = offset
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dweight = rms_norm_backward(dy, x, weight, rstd, ctx.offset)
+    return dx, dweight, None, None
+
+
+rms_norm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(x, weight, eps, offset):
-    return TritonRMSNormFunction.apply(x, weight, eps, offset)
+    return rms_norm_forward(x, weight, eps, offset)[0]

@@ -2,10 +2,13 @@
 
 The kernel walks q, k and the outputs through their strides, so HF's (B, H, T, D) views of
 (B, T, H, D) projections are read in place, without copies. It reads both halves of cos and
-sin, so any cos/sin are honoured, not only HF's duplicated cat(freqs, freqs). Backward is the
-same kernel with the transposed rotation; cos/sin get no gradient. Loads are upcast to fp32 and
-results rounded once on store.
+sin, so any cos/sin are honoured, not only HF's duplicated cat(freqs, freqs). It is the torch op
+``twinkle_triton::rope_rotate`` (fake kernel and autograd registered here, torch.compile keeps it
+one node); its backward is the same op with the inverse (transposed) rotation, so only cos/sin
+are saved, and cos/sin get no gradient. Loads are upcast to fp32 and results rounded once on store.
 """
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +43,7 @@ def _rope_kernel(Q, Q_OUT, K, K_OUT, COS, SIN,
                  stride_kob, stride_kot, stride_koh, stride_kod,
                  stride_cb, stride_ct, seq_len, n_q_heads, n_k_heads, head_dim, half,
                  BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 BLOCK_PASS: tl.constexpr, BACKWARD: tl.constexpr):
+                 BLOCK_PASS: tl.constexpr, INVERSE: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b = token // seq_len
     t = token % seq_len
@@ -51,7 +54,7 @@ def _rope_kernel(Q, Q_OUT, K, K_OUT, COS, SIN,
     cos2 = tl.load(COS + cs_row + half, mask=dims_mask, other=0.0).to(tl.float32)
     sin1 = tl.load(SIN + cs_row, mask=dims_mask, other=0.0).to(tl.float32)
     sin2 = tl.load(SIN + cs_row + half, mask=dims_mask, other=0.0).to(tl.float32)
-    if BACKWARD:
+    if INVERSE:
         # y1 = c1*x1 - s1*x2, y2 = c2*x2 + s2*x1  =>  dx1 = c1*dy1 + s2*dy2, dx2 = c2*dy2 - s1*dy1:
         # the forward with the sine halves swapped and negated.
         sin1, sin2 = -sin2, -sin1
@@ -67,8 +70,11 @@ def _block(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
-def _rope(q, k, cos, sin, unsqueeze_dim: int, backward: bool):
-    """Rotated copies of q and k (their grads when ``backward``), in q's and k's layouts."""
+@torch.library.custom_op('twinkle_triton::rope_rotate', mutates_args=())
+def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
+                inverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotated copies of q and k in their layouts; ``inverse`` rotates back (what backward does to
+    the gradients of q and k)."""
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     # (B, T, H, D) views whatever the layout: the kernel indexes token, head, dim by strides.
     views = [x.transpose(1, 2) if unsqueeze_dim == 1 else x for x in (q, q_out, k, k_out)]
@@ -86,23 +92,29 @@ def _rope(q, k, cos, sin, unsqueeze_dim: int, backward: bool):
         *views, cos, sin, *(s for view in views for s in view.stride()), cos.stride(0), cos.stride(1),
         seq_len, n_q_heads, n_k_heads, head_dim, rotary_dim // 2,
         BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        BACKWARD=backward, num_warps=8 if tile >= 4096 else 4)
+        INVERSE=inverse, num_warps=8 if tile >= 4096 else 4)
     return q_out, k_out
 
 
-class TritonRopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, unsqueeze_dim):
-        ctx.save_for_backward(cos, sin)
-        ctx.unsqueeze_dim = unsqueeze_dim
-        return _rope(q, k, cos, sin, unsqueeze_dim, backward=False)
+@rope_rotate.register_fake
+def _rope_rotate_fake(q, k, cos, sin, unsqueeze_dim, inverse):
+    return torch.empty_like(q), torch.empty_like(k)
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq, dk = _rope(dq, dk, cos, sin, ctx.unsqueeze_dim, backward=True)
-        return dq, dk, None, None, None
+
+def _setup_context(ctx, inputs, output):
+    _, _, cos, sin, unsqueeze_dim, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.unsqueeze_dim, ctx.inverse = unsqueeze_dim, inverse
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_rotate(dq, dk, cos, sin, ctx.unsqueeze_dim, not ctx.inverse)
+    return dq, dk, None, None, None, None
+
+
+rope_rotate.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope(q, k, cos, sin, unsqueeze_dim):
-    return TritonRopeFunction.apply(q, k, cos, sin, unsqueeze_dim)
+    return rope_rotate(q, k, cos, sin, unsqueeze_dim, False)

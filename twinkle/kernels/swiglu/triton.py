@@ -2,8 +2,12 @@
 
 Backward recomputes sigmoid(gate) from the saved inputs, so no activation is kept between the
 passes. Loads are upcast to fp32 and results rounded once on store (the interpreter's bf16 math
-is broken, and it keeps low-precision results as accurate as the reference).
+is broken, and it keeps low-precision results as accurate as the reference). Forward and
+backward are the torch ops ``twinkle_triton::swiglu_forward`` / ``_backward`` (fake kernels and
+autograd registered here), so torch.compile keeps each one node.
 """
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -44,22 +48,43 @@ def _launch(kernel, n_elements: int, *tensors: torch.Tensor) -> None:
     kernel[(triton.cdiv(n_elements, block),)](*tensors, n_elements, BLOCK=block, num_warps=NUM_WARPS)
 
 
-class TritonSwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        _launch(_swiglu_forward_kernel, gate.numel(), gate, up, out)
-        ctx.save_for_backward(gate, up)
-        return out
+@torch.library.custom_op('twinkle_triton::swiglu_forward', mutates_args=())
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    _launch(_swiglu_forward_kernel, gate.numel(), gate, up, out)
+    return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        _launch(_swiglu_backward_kernel, gate.numel(), dout.contiguous(), gate, up, dgate, dup)
-        return dgate, dup
+
+@swiglu_forward.register_fake
+def _swiglu_forward_fake(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op('twinkle_triton::swiglu_backward', mutates_args=())
+def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)``, contiguous, from the saved inputs alone."""
+    gate, up = gate.contiguous(), up.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    _launch(_swiglu_backward_kernel, gate.numel(), dout.contiguous(), gate, up, dgate, dup)
+    return dgate, dup
+
+
+@swiglu_backward.register_fake
+def _swiglu_backward_fake(dout, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dout):
+    return swiglu_backward(dout, *ctx.saved_tensors)
+
+
+swiglu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def swiglu(gate, up):
-    return TritonSwiGLUFunction.apply(gate, up)
+    return swiglu_forward(gate, up)
