@@ -3,7 +3,8 @@ hidden, weight and bias), input checks, dispatch, and the cpu path's memory boun
 
 Tolerances: fp32 atol=rtol=1e-5 (measured differences are ~1e-7). Low precision: the backends
 multiply in the input dtype, so their logits are rounded once to it while the reference
-upcasts first; bf16 (cpu) atol=rtol=3e-2, fp16 (Triton interpreter) atol=rtol=5e-3.
+upcasts first; bf16 (cpu, compiled Triton) atol=rtol=3e-2, fp16 (Triton) atol=rtol=5e-3.
+Tensors are made on the test device (tests/conftest.py); on a GPU the cpu backend's tests skip.
 """
 import importlib.machinery
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import DEVICE, TRITON_LOW_PRECISION, cpu_only
 from twinkle import backends
 from twinkle.kernels import fused_linear_cross_entropy, registry
 
@@ -29,15 +31,21 @@ def make_case(shape=(13,), hidden_size=33, vocab=97, dtype=torch.float32, bias=T
     bias_ = torch.randn(vocab, generator=generator) if bias else None
     labels = torch.randint(0, vocab, shape, generator=generator)
     labels[torch.rand(shape, generator=generator) < ignored] = -100
-    return hidden.to(dtype), weight.to(dtype), None if bias_ is None else bias_.to(dtype), labels
+    return (hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), None if bias_ is None else bias_.to(DEVICE, dtype),
+            labels.to(DEVICE))
 
 
 def loss_and_grads(backend, case, **options):
-    """Loss and grads through a non-trivial upstream gradient (per token for 'none')."""
+    """Loss and grads through a non-trivial upstream gradient (per token for 'none'); skips a backend
+    that does not run on the test device (the cpu one on a GPU)."""
+    reason = registry.unavailable_reason(OP, backend, DEVICE.type)
+    if reason:
+        pytest.skip(f'{backend}: {reason}')
     hidden, weight, bias, labels = (None if t is None else t.clone().requires_grad_(t.is_floating_point())
                                     for t in case)
     loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, **options)
-    upstream = torch.linspace(0.5, 2.0, loss.numel()).view(loss.shape) if loss.dim() else torch.tensor(1.7)
+    upstream = (torch.linspace(0.5, 2.0, loss.numel(), device=loss.device).view(loss.shape) if loss.dim()
+                else torch.tensor(1.7, device=loss.device))
     (loss * upstream).sum().backward()
     return [loss.detach(), hidden.grad, weight.grad, None if bias is None else bias.grad]
 
@@ -120,6 +128,7 @@ def test_cpu_qwen_vocabulary():
         torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
 
 
+@cpu_only('the cpu backend keeps its gradients for one backward; other backends do not refuse')
 def test_cpu_backward_twice_is_refused():
     hidden, weight, bias, labels = make_case()
     loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels, bias=bias)
@@ -136,8 +145,9 @@ def test_triton_matches_reference(case):
 def test_triton_fp16_and_online_softmax_over_blocks(monkeypatch):
     from twinkle.kernels.fused_linear_cross_entropy import triton as triton_backend
     monkeypatch.setattr(triton_backend, 'MAX_BLOCK', 32)  # V=97 -> four blocks per row
-    assert_matches_reference('triton', make_case(shape=(7,), dtype=torch.float16), chunk_size=4,
-                             logit_softcap=3.0, label_smoothing=0.1)
+    for dtype in TRITON_LOW_PRECISION:  # fp16 alone under the interpreter
+        assert_matches_reference('triton', make_case(shape=(7,), dtype=dtype), chunk_size=4,
+                                 logit_softcap=3.0, label_smoothing=0.1)
     assert_matches_reference('triton', make_case(shape=(6,)), reduction='sum')
 
 
@@ -171,7 +181,7 @@ def test_all_ignored_and_empty_give_zero(backend, reduction):
 
 
 def _case_kwargs(**changes):
-    hidden, weight, bias, labels = make_case()
+    hidden, weight, bias, labels = (t.cpu() for t in make_case())  # the checks are the same on every device
     kwargs = dict(hidden=hidden, weight=weight, labels=labels, bias=bias)
     kwargs.update(changes)
     return kwargs
@@ -243,7 +253,7 @@ def test_npu_dispatch_and_argument_mapping(fake_torch_npu, monkeypatch):
     npu_op = registry.resolve(OP, None, 'npu')
     assert npu_op.__module__ == 'twinkle.kernels.fused_linear_cross_entropy.chunked'
     # the NPU path is the shared host loop: run it on CPU tensors with the positional args the public function passes
-    hidden, weight, bias, labels = make_case()
+    hidden, weight, bias, labels = (t.cpu() for t in make_case())
     expected = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=-100, reduction='sum',
                                           label_smoothing=0.1, logit_softcap=4.0, backend='reference')
     actual = npu_op(hidden, weight, labels, bias, -100, 'sum', 0.1, 4.0, 5)
@@ -270,6 +280,7 @@ MEMORY_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@cpu_only("the cpu backend's resident memory (VmHWM) in a CPU process")
 def test_cpu_peak_memory_far_below_reference():
     """N=1024, V=32768: the reference holds several 128 MiB N x V tensors, the cpu path one
     128-row chunk (16 MiB). Peaks are above the floor of the outputs dH and dW, in a fresh process."""

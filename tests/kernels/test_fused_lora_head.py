@@ -1,6 +1,7 @@
 """A LoRA adapter on lm_head keeps the loss fused and exact: same loss and gradients (base and
 adapter weights) as the stock model with the stock peft head, logits never built; the LoRA variants
-that are not one linear map (DoRA, merged, disabled) take the stock path and say so by building logits."""
+that are not one linear map (DoRA, merged, disabled) take the stock path and say so by building logits.
+Models and batches are on the test device (tests/conftest.py)."""
 import copy
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 peft = pytest.importorskip('peft')
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
+from tests.conftest import DEVICE  # noqa: E402
 from twinkle import kernels  # noqa: E402
 
 VOCAB = 512
@@ -18,7 +20,7 @@ def tiny_untied_qwen3(seed=0):
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=16, tie_word_embeddings=False))
+                                        head_dim=16, tie_word_embeddings=False)).to(DEVICE)
 
 
 def with_lora(model, **overrides):
@@ -37,7 +39,7 @@ def a_batch(shape=(2, 19)):
     input_ids = torch.randint(0, VOCAB, shape, generator=generator)
     labels = input_ids.clone()
     labels[0, :4] = -100
-    return input_ids, labels
+    return input_ids.to(DEVICE), labels.to(DEVICE)
 
 
 def train_step(model, backward=True):
@@ -71,7 +73,7 @@ def test_lora_head_stays_fused_and_matches_stock_forward_and_backward():
 
 def test_lora_head_in_bf16_autocast_matches_stock_within_bf16_rounding():
     stock, fused = stock_and_fused()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         expected, grads_ref = train_step(stock)
         got, grads = train_step(fused)
     assert got.logits is None

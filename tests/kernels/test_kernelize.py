@@ -1,4 +1,5 @@
-"""kernelize: automatic and mapping-driven replacement in Hugging Face models."""
+"""kernelize: automatic and mapping-driven replacement in Hugging Face models (the tiny Qwen3 on the
+test device, tests/conftest.py; the mapping tests on CPU, where they mean the same)."""
 import copy
 import importlib.machinery
 import sys
@@ -10,6 +11,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from tests.conftest import DEVICE
 from twinkle import kernels
 from twinkle.kernels import TwinkleRMSNorm
 
@@ -23,7 +25,7 @@ def tiny_qwen3(seed=0):
         for module in model.modules():
             if isinstance(module, Qwen3RMSNorm):
                 module.weight.uniform_(0.5, 1.5)
-    return model
+    return model.to(DEVICE)
 
 
 def loss_and_grads(model, input_ids):
@@ -41,7 +43,7 @@ def test_auto_kernelize_replaces_every_known_module_and_keeps_numerics():
     assert len(norms) == 2 * 4 + 1  # per layer: input, post-attention, q_norm, k_norm; plus final
     assert all(isinstance(m, TwinkleRMSNorm) for m in norms)
     assert ours.state_dict().keys() == stock.state_dict().keys()
-    input_ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits_ref, grads_ref = loss_and_grads(stock, input_ids)
     logits, grads = loss_and_grads(ours, input_ids)
     # fp32: only the order of the fp32 reductions differs from HF's RMSNorm.

@@ -1,5 +1,6 @@
 """A kernelized tiny Qwen3 / Qwen3-MoE trains like the stock model: same loss and gradients,
-loss computed without logits, lower peak memory in a training step."""
+loss computed without logits, lower peak memory in a training step. Models and batches are on the
+test device (tests/conftest.py)."""
 import copy
 import json
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from tests.conftest import DEVICE, cpu_only
 from twinkle import kernels
 from twinkle.kernels import TwinkleRMSNorm, TwinkleSwiGLUMLP
 from twinkle.kernels.causal_lm import TwinkleCausalLMLoss
@@ -21,7 +23,7 @@ def tiny_qwen3(vocab=VOCAB, seed=0):
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=96,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=16, tie_word_embeddings=True))
+                                        head_dim=16, tie_word_embeddings=True)).to(DEVICE)
 
 
 def tiny_qwen3_moe(seed=0):
@@ -29,7 +31,7 @@ def tiny_qwen3_moe(seed=0):
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=96,
                                               moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              head_dim=16, output_router_logits=True))
+                                              head_dim=16, output_router_logits=True)).to(DEVICE)
 
 
 def batch(vocab, seed=1, shape=(2, 24)):
@@ -37,7 +39,7 @@ def batch(vocab, seed=1, shape=(2, 24)):
     input_ids = torch.randint(0, vocab, shape, generator=generator)
     labels = input_ids.clone()
     labels[0, :5] = -100  # a prompt that is not trained on
-    return input_ids, labels
+    return input_ids.to(DEVICE), labels.to(DEVICE)
 
 
 def loss_and_grads(model, input_ids, labels, **kwargs):
@@ -132,6 +134,7 @@ def peak_of_training_step(kernelized):
     return json.loads(result.stdout.strip().splitlines()[-1])['peak_above_start']
 
 
+@cpu_only("the probe measures a CPU process's resident memory (VmHWM)")
 def test_kernelized_training_step_uses_less_memory():
     stock, ours = peak_of_training_step(False), peak_of_training_step(True)
     print(f'training-step peak above start: stock {stock / 2**20:.0f} MiB, kernelized {ours / 2**20:.0f} MiB')

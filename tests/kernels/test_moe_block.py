@@ -6,7 +6,7 @@ of the whole model; LoRA on the expert parameters (peft ``target_parameters``).
 Tolerances: fp32 relative 1e-5 of the largest magnitude (same math, other summation order).
 bf16: against an fp32 run of the same block, twinkle's error must stay within 2x HF
 grouped_mm's plus 2e-3 of the largest magnitude (both round GEMM outputs to bf16; twinkle
-accumulates the combine in fp32).
+accumulates the combine in fp32). Blocks, models and inputs are on the test device (tests/conftest.py).
 """
 import copy
 
@@ -15,6 +15,7 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeSparseMoeBlock
 
+from tests.conftest import DEVICE
 from twinkle import kernels
 from twinkle.kernels import TwinkleMoeExperts
 
@@ -39,11 +40,11 @@ def sparse_block(routing, seed=0):
             block.gate.weight += 0.1 * torch.linspace(1, -1, EXPERTS).unsqueeze(1)
         elif routing == 'one_expert':
             block.gate.weight[3] += 1.0
-    return block
+    return block.to(DEVICE)
 
 
 def block_input(dtype=torch.float32):
-    return torch.rand(2, 12, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return torch.rand(2, 12, HIDDEN, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
 
 
 def tokens_per_expert(block, x):
@@ -57,7 +58,7 @@ def run_block(block, x, implementation=None):
     block.zero_grad()
     x = x.detach().clone().requires_grad_()
     out = block(x)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device, out.dtype))
     return [out.detach(), x.grad, block.gate.weight.grad, block.experts.gate_up_proj.grad,
             block.experts.down_proj.grad]
 
@@ -105,7 +106,8 @@ def test_input_in_another_dtype_runs_in_the_parameters_dtype_like_hf():
     """As under autocast: bf16 activations, fp32 experts. HF grouped_mm casts the input to the
     weights' dtype and the result back; so do we."""
     experts = sparse_block('random').experts
-    x, ids, weights = torch.randn(6, HIDDEN).bfloat16(), torch.randint(0, EXPERTS, (6, 1)), torch.rand(6, 1).bfloat16()
+    x, weights = torch.randn(6, HIDDEN, device=DEVICE).bfloat16(), torch.rand(6, 1, device=DEVICE).bfloat16()
+    ids = torch.randint(0, EXPERTS, (6, 1), device=DEVICE)
     experts.config._experts_implementation = 'grouped_mm'
     expected = experts(x, ids, weights)
     got = kernels.kernelize(experts)(x, ids, weights)
@@ -146,11 +148,11 @@ def test_experts_forced_onto_non_swiglu_experts_refuse_to_run():
 
 def test_fresh_experts_module_has_hf_names():
     stock = sparse_block('random').experts
-    ours = TwinkleMoeExperts(EXPERTS, HIDDEN, 16)
+    ours = TwinkleMoeExperts(EXPERTS, HIDDEN, 16).to(DEVICE)
     assert ours.state_dict().keys() == stock.state_dict().keys()
     ours.load_state_dict(stock.state_dict())
-    x, ids = torch.randn(5, HIDDEN), torch.tensor([[0, 1], [7, 2], [2, 0], [5, 6], [1, 7]])
-    weights = torch.rand(5, 2)
+    x, weights = torch.randn(5, HIDDEN, device=DEVICE), torch.rand(5, 2, device=DEVICE)
+    ids = torch.tensor([[0, 1], [7, 2], [2, 0], [5, 6], [1, 7]], device=DEVICE)
     stock.config._experts_implementation = 'eager'
     torch.testing.assert_close(ours(x, ids, weights), stock(x, ids, weights), atol=1e-5, rtol=1e-5)
 
@@ -161,11 +163,11 @@ def tiny_model(seed=0):
     torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(config(vocab_size=256, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      output_router_logits=True))
+                                      output_router_logits=True)).to(DEVICE)
 
 
 def model_step(model, seed=3):
-    input_ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(seed))
+    input_ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     model.zero_grad()
     out = model(input_ids=input_ids, labels=input_ids)
     out.loss.backward()

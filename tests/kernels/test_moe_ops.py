@@ -6,6 +6,7 @@ Tolerances (relative to the largest magnitude of the expected tensor): fp32 1e-5
 other summation order); fp16 under the Triton interpreter 2e-3 and bf16 on the CPU backend 2e-2
 (the reference rounds after every op, the fast paths accumulate in fp32 and round once).
 Dispatch and combine only copy and sum rows, so their fp32 forward is compared exactly.
+Tensors are made on the test device (tests/conftest.py); compiled Triton is checked in bf16 too (2e-2).
 """
 import importlib.machinery
 import sys
@@ -14,6 +15,7 @@ import types
 import pytest
 import torch
 
+from tests.conftest import DEVICE, FAKE_NPU, TRITON_LOW_PRECISION, cpu_only, require_cpu
 from twinkle import kernels
 from twinkle.backends.cuda import CudaBackend
 from twinkle.kernels import registry
@@ -33,7 +35,15 @@ def routing(kind, tokens, experts, top_k, seed=0):
     else:
         scores = torch.rand(tokens, experts, generator=gen)
         scores[:, 1] = 2.0
-    return scores.topk(top_k, dim=1).indices
+    return scores.topk(top_k, dim=1).indices.to(DEVICE)
+
+
+def skip_unavailable(ops, backend):
+    """Skips a backend that does not run on the test device (the cpu one on a GPU)."""
+    for op in ops:
+        reason = registry.unavailable_reason(op, backend, DEVICE.type)
+        if reason:
+            pytest.skip(f'{op} {backend}: {reason}')
 
 
 def expert_inputs(tokens_per_expert, hidden, intermediate, dtype=torch.float32, seed=0):
@@ -44,10 +54,11 @@ def expert_inputs(tokens_per_expert, hidden, intermediate, dtype=torch.float32, 
     down = torch.randn(experts, hidden, intermediate, generator=gen) / intermediate ** 0.5
     grad = torch.randn(rows, hidden, generator=gen)
     counts = torch.tensor(tokens_per_expert, dtype=torch.int64)
-    return [t.to(dtype) for t in (permuted, gate_up, down, grad)] + [counts]
+    return [t.to(DEVICE, dtype) for t in (permuted, gate_up, down, grad)] + [counts.to(DEVICE)]
 
 
 def run_experts(backend, permuted, gate_up, down, grad, counts):
+    skip_unavailable(['grouped_experts'], backend)
     leaves = [t.detach().clone().requires_grad_() for t in (permuted, gate_up, down)]
     out = kernels.grouped_experts(leaves[0], counts, leaves[1], leaves[2], backend=backend)
     if out.requires_grad:
@@ -67,18 +78,19 @@ def assert_close(actual, expected, dtype):
 def dispatch_inputs(tokens=13, hidden=24, experts=6, top_k=2, kind='random', dtype=torch.float32):
     gen = torch.Generator().manual_seed(1)
     ids = routing(kind, tokens, experts, top_k)
-    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
-    weights = torch.rand(tokens, top_k, generator=gen).to(dtype)
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
+    weights = torch.rand(tokens, top_k, generator=gen).to(DEVICE, dtype)
     return x, ids, weights, experts
 
 
 def run_dispatch(backend, x, ids, weights, experts, grad_seed=2):
     """Dispatch, a row-dependent transform, combine; the outputs and the gradients of x and weights."""
+    skip_unavailable(['moe_permute', 'moe_unpermute'], backend)
     x, weights = x.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
     permuted, counts, row_map = kernels.moe_permute(x, ids, experts, backend=backend)
-    scale = torch.arange(1, permuted.shape[0] + 1, dtype=x.dtype).unsqueeze(1)  # rows must not be mixed up
+    scale = torch.arange(1, permuted.shape[0] + 1, dtype=x.dtype, device=x.device).unsqueeze(1)  # rows stay apart
     out = kernels.moe_unpermute(permuted * scale, row_map, weights, backend=backend)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(x.dtype))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(x.device, x.dtype))
     return permuted.detach(), counts, row_map, out.detach(), x.grad, weights.grad
 
 
@@ -88,11 +100,11 @@ def test_reference_dispatch_groups_rows_by_expert_in_token_order(kind):
     permuted, counts, row_map = kernels.moe_permute(x, ids, experts, backend='reference')
     assert counts.dtype == row_map.dtype == torch.int64 and counts.tolist() == torch.bincount(
         ids.flatten(), minlength=experts).tolist()
-    expert_of_row = torch.repeat_interleave(torch.arange(experts), counts)
+    expert_of_row = torch.repeat_interleave(torch.arange(experts, device=DEVICE), counts)
     assert torch.equal(expert_of_row[row_map], ids)                       # each choice sits in its expert's group
     assert torch.equal(permuted[row_map], x.unsqueeze(1).expand(-1, ids.shape[1], -1))  # holding its token
-    token_of_row = torch.empty(row_map.numel(), dtype=torch.int64)
-    token_of_row[row_map.flatten()] = torch.arange(ids.shape[0]).repeat_interleave(ids.shape[1])
+    token_of_row = torch.empty(row_map.numel(), dtype=torch.int64, device=DEVICE)
+    token_of_row[row_map.flatten()] = torch.arange(ids.shape[0], device=DEVICE).repeat_interleave(ids.shape[1])
     for group in token_of_row.split(counts.tolist()):
         assert torch.equal(group, group.sort().values)                   # token order inside a group
 
@@ -104,8 +116,8 @@ def test_reference_combine_is_the_weighted_sum():
     torch.testing.assert_close(kernels.moe_unpermute(permuted, row_map, weights, backend='reference'), expected)
 
 
-@pytest.mark.parametrize('backend, dtype', [('cpu', torch.float32), ('cpu', torch.bfloat16),
-                                            ('triton', torch.float32), ('triton', torch.float16)])
+@pytest.mark.parametrize('backend, dtype', [('cpu', torch.float32), ('cpu', torch.bfloat16), ('triton', torch.float32)]
+                         + [('triton', dtype) for dtype in TRITON_LOW_PRECISION])
 @pytest.mark.parametrize('kind', ROUTINGS)
 def test_dispatch_and_combine_match_reference(backend, dtype, kind):
     inputs = dispatch_inputs(kind=kind, dtype=dtype)
@@ -141,7 +153,7 @@ def test_cpu_backend_odd_shapes_and_bf16():
     assert_close(run_experts('cpu', *inputs), run_experts('reference', *inputs), torch.bfloat16)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.float32, *TRITON_LOW_PRECISION])
 def test_triton_matches_reference(dtype):
     inputs = expert_inputs([70, 0, 3], hidden=40, intermediate=24, dtype=dtype)  # 70 rows: two row tiles
     assert_close(run_experts('triton', *inputs), run_experts('reference', *inputs), dtype)
@@ -160,6 +172,7 @@ def test_grouped_mm_refuses_unaligned_sizes():
         run_experts('grouped_mm', *expert_inputs([2, 3], hidden=18, intermediate=8))
 
 
+@cpu_only('calls backend cpu directly')
 def test_weights_without_grad_skip_their_gradients():
     permuted, gate_up, down, grad, counts = expert_inputs([4, 2], hidden=16, intermediate=8)
     permuted.requires_grad_()
@@ -172,6 +185,7 @@ def test_weights_without_grad_skip_their_gradients():
 
 @pytest.fixture
 def fake_torch_npu(monkeypatch, fresh_registry):
+    require_cpu(FAKE_NPU)
     module = types.ModuleType('torch_npu')
     module.__spec__ = importlib.machinery.ModuleSpec('torch_npu', None)  # seen by find_spec
     module.calls = []

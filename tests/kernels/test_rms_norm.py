@@ -1,22 +1,25 @@
 """RMSNorm: every backend against the reference, forward and backward, and the module wrapper.
 
 Tolerances: fp32 1e-5 relative (reductions reorder); low precision is compared with the
-reference computed from the same low-precision inputs, within one or two output ulps."""
+reference computed from the same low-precision inputs, within one or two output ulps.
+Tensors are made on the test device (tests/conftest.py: cpu, or cuda under make gpu-check)."""
 import pytest
 import torch
 
+from tests.conftest import DEVICE, TRITON_LOW_PRECISION
 from twinkle import kernels
 from twinkle.kernels import registry
 
-# Backends that can run here (Triton through the interpreter); liger/npu get dispatch tests below.
-FAST_BACKENDS = [b for b in registry.backends_of('rms_norm')
-                 if b != 'reference' and registry.unavailable_reason('rms_norm', b, 'cpu') is None]
+# Backends that run on CPU (Triton through the interpreter) or on the test device; the others
+# (npu, and liger off GPU) get adapter tests below. On a GPU the C++ CPU backend is skipped.
+FAST_BACKENDS = [b for b in registry.backends_of('rms_norm') if b != 'reference'
+                 and None in (registry.unavailable_reason('rms_norm', b, device) for device in ('cpu', DEVICE.type))]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
              torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
 
 
 def skip_unavailable(backend):
-    reason = registry.unavailable_reason('rms_norm', backend, 'cpu')
+    reason = registry.unavailable_reason('rms_norm', backend, DEVICE.type)
     if reason:
         pytest.skip(f'{backend}: {reason}')
 
@@ -37,9 +40,9 @@ def run(backend, x, weight, grad_out, offset, eps=1e-6):
 
 def inputs(shape, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator).to(dtype)
-    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(dtype)
-    grad_out = torch.randn(shape, generator=generator).to(dtype)
+    x = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(DEVICE, dtype)
+    grad_out = torch.randn(shape, generator=generator).to(DEVICE, dtype)
     return x, weight, grad_out
 
 
@@ -68,9 +71,9 @@ def test_fp32_matches_reference(backend, offset, shape):
 
 def low_precision_cases():
     for backend in FAST_BACKENDS:
-        # The Triton interpreter's bf16 arithmetic is broken, so Triton is checked in fp16 there;
-        # CPU paths in bf16.
-        yield backend, torch.float16 if backend == 'triton' else torch.bfloat16
+        # Triton in fp16 under the interpreter (its bf16 arithmetic is broken), fp16 and bf16 compiled;
+        # the others in bf16.
+        yield from ((backend, dtype) for dtype in (TRITON_LOW_PRECISION if backend == 'triton' else (torch.bfloat16,)))
 
 
 @pytest.mark.parametrize('backend,dtype', list(low_precision_cases()))
@@ -97,7 +100,7 @@ def test_empty_input(backend):
     x, weight, grad_out = inputs((0, 16), torch.float32)
     y, dx, dw = run(backend, x, weight, grad_out, 0.0)
     assert y.shape == (0, 16) and dx.shape == (0, 16)
-    torch.testing.assert_close(dw, torch.zeros(16))
+    torch.testing.assert_close(dw, torch.zeros(16, device=DEVICE))
 
 
 @pytest.mark.parametrize('backend', ['reference'] + FAST_BACKENDS)
@@ -126,17 +129,17 @@ def test_bad_input_names_the_argument(args, kwargs, argument):
 
 def test_module_keeps_hf_attribute_names_and_state_dict():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-    ours, theirs = kernels.TwinkleRMSNorm(32, eps=1e-5), Qwen3RMSNorm(32, eps=1e-5)
+    ours, theirs = kernels.TwinkleRMSNorm(32, eps=1e-5).to(DEVICE), Qwen3RMSNorm(32, eps=1e-5).to(DEVICE)
     assert ours.variance_epsilon == theirs.variance_epsilon == 1e-5
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    x = torch.randn(4, 32)
+    x = torch.randn(4, 32, device=DEVICE)
     torch.testing.assert_close(ours(x), theirs(x), **TOLERANCE[torch.float32])
 
 
 def test_offset_module_starts_as_identity_scale():
-    module = kernels.TwinkleRMSNorm(16, offset=1.0)
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(module(x), kernels.rms_norm(x, torch.ones(16)))
+    module = kernels.TwinkleRMSNorm(16, offset=1.0).to(DEVICE)
+    x = torch.randn(3, 16, device=DEVICE)
+    torch.testing.assert_close(module(x), kernels.rms_norm(x, torch.ones(16, device=DEVICE)))
     assert 'offset=1.0' in repr(module)
 
 

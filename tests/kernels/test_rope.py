@@ -2,7 +2,8 @@
 against the reference (forward and backward), layouts, partial rotary, dispatch and input checks.
 
 Tolerances: fp32 1e-5; fp16 under the Triton interpreter 1e-3 (fp32 math rounded once on both
-sides); bf16 reference vs HF eager 3e-2 (eager rounds after each of its four ops).
+sides); bf16 reference vs HF eager 3e-2 (eager rounds after each of its four ops), compiled Triton
+and Liger in bf16 3e-2 as well. Tensors are made on the test device (tests/conftest.py).
 """
 import importlib.machinery
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 
+from tests.conftest import DEVICE, FAKE_NPU, TRITON_LOW_PRECISION, require_cpu
 from twinkle import kernels
 from twinkle.backends import has_package
 from twinkle.kernels import registry
@@ -29,7 +31,7 @@ def make_inputs(head_dim=16, rotary_dim=None, unsqueeze_dim=1, dtype=torch.float
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
 
     def states(heads):
-        x = torch.randn(BATCH, SEQ, heads, head_dim, generator=gen).to(dtype)
+        x = torch.randn(BATCH, SEQ, heads, head_dim, generator=gen).to(DEVICE, dtype)
         return x.transpose(1, 2) if unsqueeze_dim == 1 else x
 
     q, k, dq, dk = states(HEADS), states(KV_HEADS), states(HEADS), states(KV_HEADS)
@@ -40,7 +42,7 @@ def make_inputs(head_dim=16, rotary_dim=None, unsqueeze_dim=1, dtype=torch.float
     else:
         cos = torch.rand(cos_batch, cos_seq, rotary_dim, generator=gen) * 2 - 1
         sin = torch.rand(cos_batch, cos_seq, rotary_dim, generator=gen) * 2 - 1
-    return (q, k, cos.to(dtype), sin.to(dtype)), (dq, dk)
+    return (q, k, cos.to(DEVICE, dtype), sin.to(DEVICE, dtype)), (dq, dk)
 
 
 def run(fn, inputs, grads, unsqueeze_dim=1, differentiate=(0, 1)):
@@ -105,7 +107,7 @@ CASES = {  # name -> make_inputs arguments
 }
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.float32, *TRITON_LOW_PRECISION])
 @pytest.mark.parametrize('unsqueeze_dim', [1, 2])
 @pytest.mark.parametrize('case', list(CASES))
 def test_triton_matches_reference(case, unsqueeze_dim, dtype):
@@ -117,7 +119,8 @@ def test_triton_matches_reference(case, unsqueeze_dim, dtype):
 def test_triton_contiguous_heads_first_and_zero_stride_grads():
     (q, k, cos, sin), _ = make_inputs()
     q, k = q.contiguous(), k.contiguous()  # (B, H, T, D) storage, not HF's view
-    grads = (torch.ones(()).expand(q.shape), torch.zeros(()).expand(k.shape))  # what .sum() sends back
+    one, zero = torch.ones((), device=DEVICE), torch.zeros((), device=DEVICE)
+    grads = (one.expand(q.shape), zero.expand(k.shape))  # what .sum() sends back
     assert_all_close(run(backend_fn('triton'), (q, k, cos, sin), grads),
                      run(backend_fn('reference'), (q, k, cos, sin), grads), torch.float32)
 
@@ -133,7 +136,7 @@ def test_triton_gives_no_cos_sin_grads():
 
 
 @needs_liger
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.float32, *TRITON_LOW_PRECISION])
 @pytest.mark.parametrize('unsqueeze_dim', [1, 2])
 @pytest.mark.parametrize('case', ['full', 'partial', 'cos_seq_1'])
 def test_liger_matches_reference(case, unsqueeze_dim, dtype):
@@ -167,8 +170,8 @@ EMPTY = {  # name -> (q shape, k shape, cos shape) with unsqueeze_dim=1
 @pytest.mark.parametrize('case', list(EMPTY))
 def test_empty_inputs(backend, case):
     q_shape, k_shape, cos_shape = EMPTY[case]
-    inputs = (torch.randn(q_shape), torch.randn(k_shape), torch.randn(cos_shape), torch.randn(cos_shape))
-    grads = (torch.randn(q_shape), torch.randn(k_shape))
+    inputs = tuple(torch.randn(shape, device=DEVICE) for shape in (q_shape, k_shape, cos_shape, cos_shape))
+    grads = (torch.randn(q_shape, device=DEVICE), torch.randn(k_shape, device=DEVICE))
     results = run(backend_fn(backend), inputs, grads)
     assert [r.shape for r in results] == [q_shape, k_shape, q_shape, k_shape]
     assert_all_close(results, run(backend_fn('reference'), inputs, grads), torch.float32)
@@ -181,6 +184,7 @@ def test_empty_inputs(backend, case):
 
 @pytest.fixture
 def fake_torch_npu(monkeypatch, fresh_registry):
+    require_cpu(FAKE_NPU)
     module = types.ModuleType('torch_npu')
     module.__spec__ = importlib.machinery.ModuleSpec('torch_npu', None)  # seen by find_spec
     module.calls = []

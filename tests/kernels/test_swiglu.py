@@ -3,7 +3,8 @@ checks, and the MLP module against Hugging Face's Qwen3MLP.
 
 Tolerances: fp32 1e-5 (same math, different evaluation order); fp16 under the Triton interpreter
 1e-3 (both sides compute in fp32 and round once, so at most ~1 ulp apart); bf16 reference vs
-HF eager 2e-2 (eager rounds after silu and after the product, ~2 bf16 ulps).
+HF eager 2e-2 (eager rounds after silu and after the product, ~2 bf16 ulps); compiled Triton in
+bf16 2e-2 as well. Tensors are made on the test device (tests/conftest.py).
 """
 import importlib.machinery
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import DEVICE, FAKE_NPU, TRITON_LOW_PRECISION, require_cpu
 from twinkle import kernels
 from twinkle.backends.cuda import CudaBackend
 from twinkle.kernels import registry
@@ -25,7 +27,7 @@ def make_inputs(shape, dtype=torch.float32, seed=0):
     gate = torch.randn(shape, generator=gen) * 3  # wide enough to reach both tails of the sigmoid
     up = torch.randn(shape, generator=gen)
     dout = torch.randn(shape, generator=gen)
-    return gate.to(dtype), up.to(dtype), dout.to(dtype)
+    return gate.to(DEVICE, dtype), up.to(DEVICE, dtype), dout.to(DEVICE, dtype)
 
 
 def run(fn, gate, up, dout):
@@ -70,9 +72,9 @@ def test_reference_bf16_matches_eager_bf16_and_is_closer_to_fp32():
     assert (ours[0].float() - exact[0]).abs().sum() <= (stock[0].float() - exact[0]).abs().sum()
 
 
-# -- triton (interpreter) --------------------------------------------------------------------
+# -- triton (interpreter on CPU, compiled on a GPU) ------------------------------------------
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.float32, *TRITON_LOW_PRECISION])
 @pytest.mark.parametrize('shape', [(3, 7, 97), (5,), (2, 1025)])
 def test_triton_matches_reference(shape, dtype):
     inputs = make_inputs(shape, dtype)
@@ -133,7 +135,7 @@ def test_liger_adapter_matches_reference_and_leaves_inputs_intact(emulated_liger
 
 def test_liger_is_refused_off_gpu_even_under_the_interpreter(fresh_registry):
     """Its kernel dies inside Triton's interpreter, so the registry must not offer it (as for RMSNorm)."""
-    gate, up, _ = make_inputs((2, 8))
+    gate, up = (t.cpu() for t in make_inputs((2, 8))[:2])
     with pytest.raises(Exception, match='liger.*runs on cuda/npu, not cpu'):
         kernels.swiglu(gate, up, backend='liger')
 
@@ -142,6 +144,7 @@ def test_liger_is_refused_off_gpu_even_under_the_interpreter(fresh_registry):
 
 @pytest.fixture
 def fake_torch_npu(monkeypatch, fresh_registry):
+    require_cpu(FAKE_NPU)
     module = types.ModuleType('torch_npu')
     module.__spec__ = importlib.machinery.ModuleSpec('torch_npu', None)  # seen by find_spec
     module.calls = []
@@ -175,7 +178,7 @@ def test_npu_empty_input_skips_the_kernel(fake_torch_npu):
 def test_selection_per_device(fresh_registry, monkeypatch):
     assert kernels.select('swiglu', 'cpu').backend in ('cpu', 'reference')  # native when it builds
     assert kernels.select('swiglu', 'cuda').backend == 'triton'  # the interpreter counts as a GPU
-    monkeypatch.delenv('TRITON_INTERPRET')
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # set on CPU, not on a GPU
     monkeypatch.setattr(CudaBackend, 'has_triton', property(lambda self: False))  # e.g. a pre-sm70 GPU
     registry._chosen.clear()
     choice = kernels.select('swiglu', 'cuda')  # both Triton-based backends drop out
@@ -206,7 +209,7 @@ def tiny_qwen3_mlp(hidden_act='silu', seed=0):
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
     torch.manual_seed(seed)
-    return Qwen3MLP(Qwen3Config(hidden_size=32, intermediate_size=80, hidden_act=hidden_act))
+    return Qwen3MLP(Qwen3Config(hidden_size=32, intermediate_size=80, hidden_act=hidden_act)).to(DEVICE)
 
 
 @pytest.mark.parametrize('backend', ['reference', 'triton'])
@@ -216,7 +219,7 @@ def test_class_swapped_qwen3_mlp_matches_stock(backend, fresh_registry):
     stock, swapped = tiny_qwen3_mlp(), tiny_qwen3_mlp()
     kernels.kernelize(swapped, {Qwen3MLP: kernels.TwinkleSwiGLUMLP})
     assert isinstance(swapped, kernels.TwinkleSwiGLUMLP) and isinstance(swapped, Qwen3MLP)
-    x = torch.randn(2, 3, 32)
+    x = torch.randn(2, 3, 32, device=DEVICE)
     results = []
     for mlp in (stock, swapped):
         leaf = x.clone().requires_grad_()
@@ -232,13 +235,13 @@ def test_mlp_refuses_a_non_silu_activation(fresh_registry):
     mlp = tiny_qwen3_mlp(hidden_act='gelu')
     kernels.kernelize(mlp, {Qwen3MLP: kernels.TwinkleSwiGLUMLP})
     with pytest.raises(ValueError, match='act_fn'):
-        mlp(torch.randn(1, 32))
+        mlp(torch.randn(1, 32, device=DEVICE))
 
 
 def test_fresh_mlp_has_hf_state_dict_names():
     stock = tiny_qwen3_mlp(hidden_act='swish')  # HF maps swish to nn.SiLU
-    ours = kernels.TwinkleSwiGLUMLP(32, 80)
+    ours = kernels.TwinkleSwiGLUMLP(32, 80).to(DEVICE)
     assert ours.state_dict().keys() == stock.state_dict().keys()
     ours.load_state_dict(stock.state_dict())
-    x = torch.randn(4, 32)
+    x = torch.randn(4, 32, device=DEVICE)
     torch.testing.assert_close(ours(x), stock(x), atol=1e-5, rtol=1e-5)

@@ -13,13 +13,16 @@ the backend CUDA picks; the CPU-only per-expert GEMM loop reads its group bounds
 which is no sync on a CPU and never runs on a GPU.
 """
 import collections
+import contextlib
 import sys
 import traceback
+import warnings
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from tests.conftest import DEVICE
 from twinkle import kernels
 from twinkle.kernels.varlen_attention import register_hf_attention
 from twinkle.processor import InputProcessor
@@ -37,7 +40,7 @@ def tiny(moe: bool, layers: int):
     else:
         model = Qwen3ForCausalLM(Qwen3Config(intermediate_size=48, **common))
     model.set_attn_implementation(register_hf_attention())
-    return kernels.kernelize(model)
+    return kernels.kernelize(model.to(DEVICE))
 
 
 def packed_batch():
@@ -74,14 +77,34 @@ class SyncCounter:
     def step(self, model, batch) -> collections.Counter:
         self.calls.clear()
         inputs = {key: batch[key] for key in ('input_ids', 'position_ids', 'cu_seq_lens_q', 'cu_seq_lens_k',
-                                              'max_length_q', 'max_length_k')}
+                                              'max_length_q', 'max_length_k', 'labels')}
+        inputs = {key: value.to(DEVICE) if torch.is_tensor(value) else value for key, value in inputs.items()}
         self.active = True
         try:
-            out = model(**inputs, labels=batch['labels'], num_items_in_batch=1)
-            out.loss.backward()
+            with self._device_syncs():
+                out = model(**inputs, num_items_in_batch=1)
+                out.loss.backward()
         finally:
             self.active = False
         return collections.Counter(self.calls)
+
+    @contextlib.contextmanager
+    def _device_syncs(self):
+        """On a GPU, also the syncs inside C++ ops, as torch.cuda's sync debug mode reports them."""
+        if DEVICE.type != 'cuda':
+            yield
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        for warning in caught:
+            if 'synchronizing' in str(warning.message):
+                where = '/'.join(warning.filename.rsplit('/', 2)[-2:])
+                self.calls[f'device sync at {where}:{warning.lineno}'] += 1
 
 
 @pytest.mark.parametrize('moe', [False, True], ids=['qwen3', 'qwen3_moe'])
