@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from tests.conftest import cpu_only
 from twinkle import kernels
 from twinkle.kernels import native, registry
 from twinkle.kernels.rms_norm import reference as rms_norm_reference
@@ -21,6 +22,7 @@ from twinkle.kernels.swiglu import reference as swiglu_reference
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-5, 1e-5),
              torch.bfloat16: (1e-2, 2 ** -7), torch.float16: (1e-3, 2 ** -10)}  # (atol, rtol)
 DTYPES = list(TOLERANCE)
+pytestmark = cpu_only('the C++ CPU kernels (csrc/) and their build; the GPU suite runs the other backends')
 
 
 @pytest.fixture(scope='module', autouse=True)
