@@ -89,7 +89,7 @@ def _failure_message(report) -> str:
 
 
 def count_outcomes(path: Path) -> dict:
-    """The plugin's lines: a count per outcome and the failures with their last message line."""
+    """The plugin's lines: a count per outcome, and the failures with their exception's first line."""
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     counts = collections.Counter(line['outcome'] for line in lines)
     return {'counts': {outcome: counts.get(outcome, 0) for outcome in OUTCOMES},
