@@ -26,6 +26,7 @@ from twinkle.utils.logger import get_logger
 
 logger = get_logger(__name__)
 
+CAPTURE = '_twinkle_last_hidden'
 
 
 class TwinkleCausalLMLoss(nn.Module):
@@ -42,25 +43,37 @@ class TwinkleCausalLMLoss(nn.Module):
                 kwargs['shift_labels'] = shift_labels
             return super().forward(*args, labels=labels, **kwargs)
 
-        captured = {}
-
-        def keep_last_hidden(module, inputs, output):
-            captured['hidden'] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
+        capture = self._last_hidden_capture()
+        capture['active'] = True
         no_position = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
-        handle = self.get_decoder().register_forward_hook(keep_last_hidden)
         try:
             outputs = super().forward(*args, labels=None, logits_to_keep=no_position, **kwargs)
         finally:
-            handle.remove()
+            capture['active'] = False
+        hidden = capture.pop('hidden')
         if shift_labels is None:
             shift_labels = shifted_labels(labels)
-        outputs.loss = self._fused_loss(captured['hidden'], shift_labels, kwargs.get('num_items_in_batch'))
+        outputs.loss = self._fused_loss(hidden, shift_labels, kwargs.get('num_items_in_batch'))
         aux_loss = getattr(outputs, 'aux_loss', None)
         if aux_loss is not None:
             outputs.loss = outputs.loss + self.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
         outputs.logits = None
         return outputs
+
+    def after_replacing(self) -> None:
+        """Called by ``kernelize`` once the class is swapped in: the decoder's last hidden states are caught
+        by a hook installed now, once. Registering it per call would break a torch.compile graph
+        (a hook handle is global state dynamo cannot trace)."""
+        self._last_hidden_capture()
+
+    def _last_hidden_capture(self) -> dict:
+        """The decoder's capture slot (kept on the decoder, which its hook receives: a deepcopy of the model
+        gets its own slot)."""
+        decoder = self.get_decoder()
+        if CAPTURE not in decoder.__dict__:
+            decoder.__dict__[CAPTURE] = {'active': False}
+            decoder.register_forward_hook(_keep_last_hidden)
+        return decoder.__dict__[CAPTURE]
 
     def _fused_loss(self, hidden, shift_labels, num_items_in_batch):
         from .fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -88,6 +101,12 @@ class TwinkleCausalLMLoss(nn.Module):
             return False
         logits_to_keep = kwargs.get('logits_to_keep', 0)
         return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
+def _keep_last_hidden(decoder: nn.Module, inputs, output) -> None:
+    capture = decoder.__dict__[CAPTURE]
+    if capture['active']:  # other calls (eval, logits wanted) keep no activation alive
+        capture['hidden'] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
 
 def _is_plain_lora_linear(module: nn.Module) -> bool:

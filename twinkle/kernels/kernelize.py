@@ -119,6 +119,8 @@ def _replace_modules(model: nn.Module, cls: type, replacement: Any) -> None:
             continue
         if isinstance(replacement, type):
             module.__class__ = _combined_class(cls, replacement)
+            if hasattr(module, 'after_replacing'):  # set-up a replacement needs once, outside any graph
+                module.after_replacing()
         elif callable(replacement):
             module.forward = types.MethodType(replacement, module)
         else:
