@@ -3,8 +3,11 @@ against the PyTorch step it replaces: same loss per row, same gradient left in t
 import pytest
 import torch
 
+from tests.conftest import cpu_only
 from twinkle.kernels.fused_linear_cross_entropy import cpu
 from twinkle.kernels.fused_linear_cross_entropy.chunked import torch_chunk_step
+
+pytestmark = cpu_only('a C++ CPU kernel (csrc/cross_entropy.cpp)')
 
 
 def step_inputs(rows, vocab, seed=0, scale=4.0):

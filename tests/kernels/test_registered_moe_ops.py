@@ -12,8 +12,11 @@ import traceback
 import pytest
 import torch
 
+from tests.conftest import cpu_only
 from twinkle import kernels
 from twinkle.kernels import registry
+
+pytestmark = cpu_only('CPU-tensor inputs; the triton cases run through the interpreter')
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 4, 2, 32, 16  # grouped_mm: 16-byte aligned sizes in bf16 too
 NAMESPACE = {'cpu': 'twinkle_cpu', 'triton': 'twinkle_triton', 'grouped_mm': 'twinkle_grouped_mm'}

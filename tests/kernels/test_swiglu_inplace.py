@@ -4,8 +4,11 @@ corrupt something a caller holds."""
 import pytest
 import torch
 
+from tests.conftest import cpu_only
 from twinkle.kernels.swiglu import TwinkleSwiGLUMLP, swiglu
 from twinkle.kernels.swiglu import module as swiglu_module
+
+pytestmark = cpu_only("the cpu backend's donated path (C++ kernels)")
 
 
 def projections(shape, dtype, seed=0):
