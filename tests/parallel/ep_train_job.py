@@ -30,8 +30,11 @@ MAX_NORM = 0.5  # below the tiny model's gradient norms in full training: clippi
 LORA = dict(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
             target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'])
 # forced: every token picks experts 0 and 1, so EP rank 1 gets none; bf16: full training with FSDP's
-# bf16 compute policy (fp32 weights, gradients reduced in fp32) against the fp32 twin
-KINDS = ('full', 'lora', 'forced', 'bf16')
+# bf16 compute policy (fp32 weights, gradients reduced in fp32) against the fp32 twin; kernelized_lora:
+# LoRA on the kernelized model (twinkle's experts and ops; the other kinds keep HF's experts), twin
+# kernelized too. Last: kernelize's RoPE replacement is process-wide.
+KINDS = ('full', 'lora', 'forced', 'bf16', 'kernelized_lora')
+LORA_KINDS = ('lora', 'kernelized_lora')
 
 
 def batches() -> torch.Tensor:
@@ -42,6 +45,9 @@ def build(kind: str) -> torch.nn.Module:
     model = build_model()
     if kind == 'forced':
         force_routing(model)
+    if kind == 'kernelized_lora':
+        from twinkle.kernels import kernelize
+        kernelize(model)
     return model
 
 
@@ -87,7 +93,7 @@ def train(model, rows: slice, clip: Callable, reduce: Callable) -> dict:
 
 def single_process(kind: str) -> dict:
     model = build(kind)
-    initial = add_lora(model) if kind == 'lora' else model
+    initial = add_lora(model) if kind in LORA_KINDS else model
     start = {name: p.detach().clone() for name, p in initial.named_parameters()}
     result = train(initial, slice(None), torch.nn.utils.clip_grad_norm_, lambda loss: loss)
     return {**result, 'start': start}
@@ -97,7 +103,7 @@ def expert_parallel(kind: str, mesh, twin: dict) -> dict:
     from twinkle.parallel import all_reduce_sum, apply_expert_parallel, clip_grad_norm_, parallelize
     from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
     model = apply_expert_parallel(build(kind), mesh)
-    if kind == 'lora':
+    if kind in LORA_KINDS:
         model = add_lora(model)
     model.load_state_dict(shard_expert_state_dict(model, twin['start']))
     model = parallelize(model, mesh, mixed_precision='bf16' if kind == 'bf16' else None)

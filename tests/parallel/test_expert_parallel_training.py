@@ -1,7 +1,8 @@
 """Training the tiny Qwen3-MoE with expert parallelism equals one process: EP=2 on 2 ranks,
 EP=2 x FSDP=2 and HSDP dp=2 x EP=2 on 4 (gloo, CPU); full-parameter, LoRA (attention + expert
-parameters), a routing that sends every token to EP rank 0's experts, and bf16 compute against the
-fp32 process (stated tolerances). 3 steps with clipping (acting in full training)."""
+parameters), a routing that sends every token to EP rank 0's experts, bf16 compute against the
+fp32 process (stated tolerances), and LoRA on the kernelized model (twinkle's experts under the
+all-to-all dispatcher; the other kinds keep Hugging Face's experts). 3 steps with clipping (acting in full training)."""
 import pytest
 import torch
 

@@ -255,8 +255,8 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
             module.__class__ = _fed_by_dispatcher(type(module))
         module.token_dispatcher = dispatcher
     for cls, implementation in kept_hf_classes.items():
-        logger.info("expert parallel: %s stays Hugging Face's own experts (implementation %r; the model was not "
-                    "kernelized), fed by the all-to-all dispatcher", cls.__name__, implementation)
+        logger.info("expert parallel: %s stays Hugging Face's own experts (implementation %r; kernelize did not "
+                    "replace them), fed by the all-to-all dispatcher", cls.__name__, implementation)
     logger.info('expert parallel: ep_size=%d, this rank holds experts %d-%d of %d in each of %d MoE layers',
                 ep_size, dispatcher.first_expert, dispatcher.first_expert + dispatcher.local_experts - 1,
                 dispatcher.num_experts, len(experts_modules))
