@@ -8,6 +8,7 @@ import torch
 import harness
 
 OP = 'swiglu'
+BACKEND_VARIANTS = ('cpu:inplace',)  # backward writes dgate/dup over gate/up, as TwinkleSwiGLUMLP runs it
 
 
 def cases(size: str) -> list:
@@ -25,6 +26,23 @@ def workload(case: dict) -> harness.Workload:
     gate = torch.randn(shape, dtype=dtype, requires_grad=True)
     up = torch.randn(shape, dtype=dtype, requires_grad=True)
     return harness.Workload(args=(gate, up), leaves=(gate, up), grad_outputs=(torch.randn(shape, dtype=dtype),))
+
+
+def workload_for(case: dict, variant: str) -> harness.Workload:
+    """For the inplace variant gate and up are what an MLP hands over: non-leaf results (here clones of
+    the leaves, through which the gradients reach them without a copy), refilled before every step
+    because backward overwrote them."""
+    work = workload(case)
+    if not variant.endswith(':inplace'):
+        return work
+    leaves = work.args
+    donated = tuple(leaf.clone() for leaf in leaves)
+
+    def refill():
+        with torch.no_grad():
+            for target, source in zip(donated, leaves):
+                target.copy_(source)
+    return harness.Workload(args=donated, leaves=leaves, grad_outputs=work.grad_outputs, before_step=refill)
 
 
 def limit(case: dict, settings: harness.Settings) -> dict:

@@ -60,6 +60,7 @@ class Workload:
     args: tuple
     leaves: Sequence[torch.Tensor]
     grad_outputs: Optional[Sequence[torch.Tensor]] = None
+    before_step: Optional[Callable[[], None]] = None  # untimed, before every step: restores donated inputs
 
 
 def on_device(work: Workload, device: torch.device) -> Workload:
@@ -81,7 +82,7 @@ def on_device(work: Workload, device: torch.device) -> Workload:
 
     args = tuple(move(value) for value in work.args)  # modules first: their parameters are leaves
     grads = None if work.grad_outputs is None else [move(grad) for grad in work.grad_outputs]
-    return Workload(args=args, leaves=[move(leaf) for leaf in work.leaves], grad_outputs=grads)
+    return dataclasses.replace(work, args=args, leaves=[move(leaf) for leaf in work.leaves], grad_outputs=grads)
 
 
 # -- variants -------------------------------------------------------------------------------
@@ -110,14 +111,20 @@ def variants(op: str, wanted: AbstractSet[str] = frozenset()) -> Dict[str, Optio
     registry = load_op(op)
     found: Dict[str, Optional[str]] = {}
     with _without_triton_interpreter():
-        for variant in ['eager', 'compile'] + [b for b in registry.backends_of(op) if b != 'reference']:
+        for variant in (['eager', 'compile'] + [b for b in registry.backends_of(op) if b != 'reference']
+                        + _backend_variants(op)):
             if wanted and variant not in wanted:
                 found[variant] = 'not asked for (--variants)'
             elif variant in ('eager', 'compile'):
                 found[variant] = None
             else:
-                found[variant] = registry.unavailable_reason(op, variant)
+                found[variant] = registry.unavailable_reason(op, variant.split(':')[0])
     return found
+
+
+def _backend_variants(op: str) -> list:
+    """A bench module's ``BACKEND_VARIANTS``, e.g. 'cpu:inplace' (the backend's ``<op>_inplace``)."""
+    return list(getattr(importlib.import_module(f'bench_{op}'), 'BACKEND_VARIANTS', ()))
 
 
 def make_variant(op: str, variant: str) -> Callable:
@@ -131,7 +138,8 @@ def make_variant(op: str, variant: str) -> Callable:
         return registry.resolve(op, 'reference')
     if variant == 'compile':
         return torch.compile(registry.resolve(op, 'reference'), dynamic=False)
-    return registry.resolve(op, variant)
+    backend, _, backend_variant = variant.partition(':')
+    return registry.resolve(op, backend, variant=backend_variant or None)
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -156,6 +164,8 @@ def _step(fn: Callable, work: Workload, device) -> tuple:
     """One forward + backward, timed apart: (forward s, backward s). Gradients start from None,
     as after ``zero_grad(set_to_none=True)``, so every step allocates them afresh."""
     _clear_grads(work)
+    if work.before_step is not None:
+        work.before_step()
     device.synchronize()
     start = time.perf_counter()
     outputs = fn(*work.args)
@@ -185,7 +195,8 @@ def measure_variant(op: str, case: dict, variant: str, settings: Settings) -> di
     device = backends.current()        # applies the process tuning before any large allocation
     tuning = device.tune_process()
     bench = importlib.import_module(f'bench_{op}')
-    work = on_device(bench.workload(case), device.local_device())
+    make_work = getattr(bench, 'workload_for', None)  # a workload that depends on the variant
+    work = on_device(make_work(case, variant) if make_work else bench.workload(case), device.local_device())
     fn = make_variant(op, variant)
     for _ in range(settings.warmup):   # torch.compile compiles here
         last = sum(_step(fn, work, device))

@@ -37,6 +37,9 @@ The cost of faulting in fresh output pages is shown apart (allocate, then touch 
 
 
 def variant_name(variant: str) -> str:
+    backend, _, backend_variant = variant.partition(':')
+    if backend_variant:
+        return f'twinkle {backend}, {backend_variant}=True'
     return NAMES.get(variant, f'twinkle {variant}')
 
 
