@@ -7,6 +7,7 @@ Forward returns the per-row rstd (fp32, fp64 for fp64 input) so backward skips t
 import torch
 
 from .. import native
+from .autograd import differentiate
 
 native.require()
 _ops = torch.ops.twinkle_cpu
@@ -23,21 +24,7 @@ def _rms_norm_backward_fake(grad_y, x, weight, rstd, offset):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _, offset = inputs
-    _, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(x, weight, rstd)
-    ctx.offset = offset
-
-
-def _backward(ctx, grad_y, _grad_rstd):
-    x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_weight = _ops.rms_norm_backward(grad_y, x, weight, rstd, ctx.offset)
-    return grad_x, grad_weight, None, None
-
-
-torch.library.register_autograd('twinkle_cpu::rms_norm_forward', _backward, setup_context=_setup_context)
+differentiate('twinkle_cpu::rms_norm_forward', _ops.rms_norm_backward)
 
 
 def rms_norm(x, weight, eps, offset):

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import differentiate
+
 MAX_BLOCK = 65536
 
 
@@ -118,21 +120,7 @@ def _rms_norm_backward_fake(dy, x, weight, rstd, offset):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _, offset = inputs
-    _, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    ctx.save_for_backward(x, weight, rstd)
-    ctx.offset = offset
-
-
-def _backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dweight = rms_norm_backward(dy, x, weight, rstd, ctx.offset)
-    return dx, dweight, None, None
-
-
-rms_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+differentiate(rms_norm_forward, rms_norm_backward)
 
 
 def rms_norm(x, weight, eps, offset):
