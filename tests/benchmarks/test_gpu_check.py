@@ -2,6 +2,7 @@
 command and its outcome plugin, phase timeouts, the summary files, the harness's --device) on CPU."""
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def test_without_a_gpu_it_says_so_and_exits_2():
 
 @pytest.mark.skipif(shutil.which('make') is None, reason='no make on this machine')
 def test_make_target_runs_the_script():
-    done = subprocess.run(['make', '-n', 'gpu-check'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS')}  # under `make test`
+    done = subprocess.run(['make', '--no-print-directory', '-n', 'gpu-check'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].endswith('.venv/bin/python benchmarks/gpu_check.py')
 
