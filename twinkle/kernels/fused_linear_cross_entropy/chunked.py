@@ -64,11 +64,14 @@ def torch_chunk_step(logits: torch.Tensor, labels: torch.Tensor, want_grad: bool
     return loss.squeeze(1)
 
 
-def chunk_rows(weight: torch.Tensor, softcap: Optional[float], max_rows: int, budget_bytes: int) -> int:
+def chunk_rows(weight: torch.Tensor, softcap: Optional[float], max_rows: Union[int, Callable[[], int]],
+               budget_bytes: int) -> int:
     """Rows per chunk: ``max_rows`` (where the per-chunk GEMMs reach full-GEMM speed) unless the
     chunk's V-wide buffers -- fp32 logits, the low-precision GEMM output when the weight is not
     fp32, a second fp32 buffer for the softcap -- would exceed ``budget_bytes``. Multiples of
-    16 rows (whole GEMM register tiles); ``chunked_pass`` trims it to the tokens there are."""
+    16 rows (whole GEMM register tiles); ``chunked_pass`` evens it out over the tokens there are.
+    ``max_rows`` may be a function, read at each call (the CPU knee moves with the thread count)."""
+    max_rows = max_rows() if callable(max_rows) else max_rows
     per_logit = 4 + (4 if softcap is not None else 0) + (0 if weight.dtype == torch.float32
                                                           else weight.element_size())
     rows = min(max_rows, max(1, budget_bytes // (max(weight.shape[0], 1) * per_logit)))
@@ -88,6 +91,13 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, staging: Optio
         out.copy_(staged)
 
 
+def _even_chunks(chunk_size: int, count: int) -> int:
+    """The same number of chunks, of equal rows: 960 tokens at 512 rows run as 2 x 480, not 512 +
+    448 -- no short last chunk whose GEMMs run below full speed."""
+    chunks = max(1, -(-count // max(chunk_size, 1)))
+    return max(1, -(-count // chunks))
+
+
 def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                  rows: Optional[torch.Tensor], *, step: ChunkStep, chunk_size: int, label_smoothing: float,
                  softcap: Optional[float], grad_scale: Union[None, float, torch.Tensor] = None,
@@ -103,7 +113,7 @@ def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     d_weight = (torch.empty if count else torch.zeros)(weight.shape, dtype=torch.float32,
                                                        device=weight.device) if want_weight else None
     d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
-    chunk_size = max(1, min(chunk_size, count))
+    chunk_size = _even_chunks(chunk_size, count)
     buffer = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=hidden.device)
     staging = None if weight.dtype == torch.float32 else torch.empty_like(buffer, dtype=weight.dtype)
     for start in range(0, count, chunk_size):
@@ -155,7 +165,7 @@ class Passes(NamedTuple):
     unreduced_backward: Callable[..., Grads]
 
 
-def chunked_passes(step: ChunkStep, max_rows: int, budget_bytes: int) -> Passes:
+def chunked_passes(step: ChunkStep, max_rows: Union[int, Callable[[], int]], budget_bytes: int) -> Passes:
     """The passes of a backend built on this loop: its per-chunk ``step`` and chunk sizing."""
     def options(weight, label_smoothing, softcap, chunk_size):
         return dict(step=step, chunk_size=chunk_size or chunk_rows(weight, softcap, max_rows, budget_bytes),
@@ -271,6 +281,7 @@ def define_ops(namespace: str, passes: Passes) -> Callable:
         hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size = inputs[:9]
         _, *grads = output
         ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)  # else autograd lays down V x H zeros for dW's unused gradient
         ctx.wanted = _wanted(bias, *inputs[9:])
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.unreduced = reduction == 'none'

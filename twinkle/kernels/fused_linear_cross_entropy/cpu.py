@@ -3,13 +3,14 @@
 128 x 151936), as the ops ``twinkle_cpu::fused_linear_cross_entropy_forward`` / ``_backward``. Where
 the C++ kernels cannot be built, the PyTorch step runs instead, and the log says why.
 
-128 rows per chunk. This is the knee measured on this repo's host (Xeon Sapphire Rapids, MKL,
-N=1024, H=512, V=151936, fp32, one thread, CPU time). Against the unchunked GEMMs, the three
-per-chunk GEMMs cost 1.21x at 96 rows, 1.09x at 112, 1.07x at 120, 1.00x at 128 and 0.96x at
-144. With fewer rows, every chunk re-streams W and dW (V x H) from memory for too little work.
-More rows barely help speed and cost memory linearly: 128 x 151936 fp32 logits are 74 MiB,
-which is 0.05x of eager PyTorch's 1.5 GiB above the dW + dH floor. The 128 MiB budget only
-trims rows past V ~ 260k (~175k for bf16 weights, ~130k with a softcap).
+Rows per chunk: 256 per intra-op thread (MKL splits a GEMM's rows over its threads, so the knee
+where the per-chunk GEMMs reach full-GEMM speed moves with them), evened out over the tokens.
+Measured on this repo's 2-core host (N=1024 with 960 counted tokens, H=512, V=151936, fp32, 2
+threads): the logits GEMMs cost 1.34x the unchunked GEMM in chunks of 128 rows, 1.12x at 256 and
+1.00x at 480; the whole op, fwd+bwd, 3454 ms at 128 rows and 2889-3234 ms at 480 (the host is
+noisy). Every chunk re-packs W (V x H) for too little work below the knee. The memory: 480 x
+151936 fp32 logits are 278 MiB, still a fraction of eager PyTorch's 1.7 GiB above the dW + dH
+floor; the 320 MiB budget trims rows past that (V ~ 160k at 512 rows).
 """
 import torch
 
@@ -20,8 +21,12 @@ from .chunked import chunked_passes, define_ops, torch_chunk_step
 
 logger = get_logger(__name__)
 
-MAX_ROWS = 128
-CHUNK_BUDGET_BYTES = 128 << 20
+ROWS_PER_THREAD = 256
+CHUNK_BUDGET_BYTES = 320 << 20
+
+
+def max_rows() -> int:
+    return ROWS_PER_THREAD * max(1, torch.get_num_threads())
 
 
 def native_chunk_step(logits, labels, want_grad, label_smoothing, softcap):
@@ -46,4 +51,4 @@ STEP = _chosen_step()
 if STEP is native_chunk_step:
     torch.library.register_fake('twinkle_cpu::cross_entropy_rows_')(_cross_entropy_rows_fake)
 
-fused_linear_cross_entropy = define_ops('twinkle_cpu', chunked_passes(STEP, MAX_ROWS, CHUNK_BUDGET_BYTES))
+fused_linear_cross_entropy = define_ops('twinkle_cpu', chunked_passes(STEP, max_rows, CHUNK_BUDGET_BYTES))
