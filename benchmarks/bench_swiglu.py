@@ -28,21 +28,40 @@ def workload(case: dict) -> harness.Workload:
     return harness.Workload(args=(gate, up), leaves=(gate, up), grad_outputs=(torch.randn(shape, dtype=dtype),))
 
 
+class _Handover(torch.autograd.Function):
+    """Makes a plain buffer a non-leaf result, in place, whose gradient ends here: as in an MLP,
+    where dgate/dup flow into the projections' GEMMs, not into leaves. (Clones of leaves would
+    not do: AccumulateGrad must copy a gradient that the workload still references -- the donated
+    buffer itself -- which no MLP pays.)"""
+
+    @staticmethod
+    def forward(ctx, anchor, buffer):
+        ctx.mark_dirty(buffer)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
 def workload_for(case: dict, variant: str) -> harness.Workload:
-    """For the inplace variant gate and up are what an MLP hands over: non-leaf results (here clones of
-    the leaves, through which the gradients reach them without a copy), refilled before every step
-    because backward overwrote them."""
+    """For the inplace variant gate and up are what an MLP hands over: non-leaf results, refilled
+    (untimed) before every step because backward overwrote them with dgate and dup."""
     work = workload(case)
     if not variant.endswith(':inplace'):
         return work
-    leaves = work.args
-    donated = tuple(leaf.clone() for leaf in leaves)
+    sources = [leaf.detach() for leaf in work.args]
+    donated = tuple(torch.empty_like(source) for source in sources)
+    anchor = torch.zeros((), requires_grad=True)
 
     def refill():
-        with torch.no_grad():
-            for target, source in zip(donated, leaves):
+        for target, source in zip(donated, sources):
+            target.detach_()  # drop last step's history: no chain of handovers
+            with torch.no_grad():
                 target.copy_(source)
-    return harness.Workload(args=donated, leaves=leaves, grad_outputs=work.grad_outputs, before_step=refill)
+            _Handover.apply(anchor, target)
+    refill()
+    return harness.Workload(args=donated, leaves=(), grad_outputs=work.grad_outputs, before_step=refill)
 
 
 def limit(case: dict, settings: harness.Settings) -> dict:
