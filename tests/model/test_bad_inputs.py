@@ -1,13 +1,15 @@
 """TransformersModel refuses, or skips with a warning, what would otherwise train or load wrongly
 without a word: partial adapter loads, NaN weights, damaged files, other target modules, steps
-without trained tokens."""
+without trained tokens, mesh dims it does not apply."""
 import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from tests.model.conftest import token_batch
+from twinkle import DeviceMesh
 from twinkle.model import TransformersModel
+from twinkle.model.transformers.model import APPLIED_DIMS, UNAPPLIED_ADVICE
 
 ALL = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 
@@ -87,3 +89,18 @@ def test_step_before_forward_backward_is_refused(tiny_config):
     with pytest.raises(RuntimeError, match=r'step\(\) with no gradients: call forward_backward'):
         model.step()
     assert model._state(None).optimizer_steps == 0
+
+
+@pytest.mark.parametrize('dim, advice', [('tp', 'MegatronModel'), ('pp', 'MegatronModel'),
+                                         ('cp', 'context parallelism'), ('ulysses', 'Ulysses')])
+def test_a_parallel_size_transformers_model_does_not_apply_is_refused(tiny_config, dim, advice):
+    """Before: tp_size=2 on 2 ranks trained with the whole model on every rank, without a word."""
+    mesh = DeviceMesh.from_sizes(**{f'{dim}_size': 2})
+    with pytest.raises(ValueError, match=rf'device_mesh has {dim}_size=2.*{advice}'):
+        TransformersModel(config=tiny_config, device_mesh=mesh)
+
+
+@pytest.mark.parametrize('dim', ['dp', 'fsdp', 'ep'])
+def test_the_dims_it_applies_pass_the_check(dim):
+    mesh = DeviceMesh.from_sizes(**{f'{dim}_size': 2})
+    mesh.refuse_unapplied(APPLIED_DIMS, 'TransformersModel', UNAPPLIED_ADVICE)

@@ -160,6 +160,15 @@ def job_hsdp(out: Path) -> dict:
             'full': Trainer(mesh).run(STEPS), 'lora': Trainer(mesh, lora=True).run(STEPS)}
 
 
+def job_data_group(out: Path) -> dict:
+    """4 ranks, dp=2 x tp=2: which ranks each reduction reaches (each rank adds 10 ** rank)."""
+    mesh = DeviceMesh.from_sizes(dp_size=2, tp_size=2)
+    twinkle.initialize(global_device_mesh=mesh, seed=0, timeout=60)
+    mine = 10 ** mesh.rank
+    return {'data_rank': mesh.data_rank, 'data_sum': int(all_reduce_sum(mine, group=mesh.data_group())),
+            'world_sum': int(all_reduce_sum(mine))}
+
+
 def job_stall(out: Path) -> dict:
     """Rank 1 stops answering; rank 0's next collective must fail, naming itself and rank 1."""
     twinkle.initialize(global_device_mesh=DeviceMesh.from_sizes(fsdp_size=2), timeout=STALL_TIMEOUT)

@@ -119,3 +119,12 @@ def test_stalled_rank_fails_the_job_with_a_named_error(tmp_path):
     assert "'all_reduce_sum'" in error and 'rank 0 of 2' in error
     assert "rank 1 last entered 'initialize #1'" in error
     assert 0.8 * STALL_TIMEOUT <= seconds < STALL_TIMEOUT + 3, json.dumps(results[0])
+
+
+def test_the_data_group_reaches_the_data_ranks_only(tmp_path):
+    """dp=2 x tp=2: ranks 0,2 and 1,3 read different data (tp innermost), so each data-group sum has
+    exactly the ranks of one tp coordinate; the world sum has all four."""
+    results = launch('data_group', 4, tmp_path, timeout=120)
+    assert [r['data_rank'] for r in results] == [0, 0, 1, 1]
+    assert [r['data_sum'] for r in results] == [101, 1010, 101, 1010]
+    assert {r['world_sum'] for r in results} == {1111}

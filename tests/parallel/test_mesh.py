@@ -86,3 +86,8 @@ def test_device_group_expands_a_count():
     for ranks in (0, [], [1, -1]):
         with pytest.raises(ValueError, match='ranks'):
             DeviceGroup('bad', ranks)
+
+
+def test_the_data_group_is_the_world_when_every_rank_is_a_data_rank():
+    import torch.distributed as dist
+    assert DeviceMesh.from_sizes(dp_size=2, ep_size=2).data_group() is dist.group.WORLD

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ class DeviceMesh:
     dims: Dict[str, int]
     device_type: Optional[str] = None
     _torch_mesh: object = field(default=None, init=False, repr=False, compare=False)
+    _data_group: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         unknown = [name for name in self.dims if name not in DIM_ORDER]
@@ -167,6 +168,41 @@ class DeviceMesh:
         if dim not in self.dims:
             raise ValueError(f'dim {dim!r} is not in this mesh (dims: {", ".join(self.dims)})')
         return self.to_torch().get_group(dim)
+
+    def data_group(self):
+        """The process group of the ranks that read different data and hold the same model slice
+        (same tp, pp, cp, ulysses coordinates): tokens, losses and metrics reduce over it, never
+        over the ranks that share a data slice. The whole world when every rank is a data rank."""
+        if self._data_group is None:
+            if self.data_world_size == self.world_size:
+                self._data_group = dist.group.WORLD
+            else:
+                self._data_group = _group_along(self, DATA_DIMS)
+        return self._data_group
+
+    def refuse_unapplied(self, applied: Sequence[str], owner: str, advice: Dict[str, str]) -> None:
+        """Raise when a dim of size > 1 is one that ``owner`` does not apply: a mesh must never be
+        accepted and then silently ignored (every rank would hold the whole model and repeat the
+        others' work). ``advice`` says per dim what to use instead."""
+        for name, size in self.dims.items():
+            if size > 1 and name not in applied:
+                raise ValueError(f'device_mesh has {name}_size={size}, which {owner} does not apply (it applies '
+                                 f'{", ".join(applied)}): {advice.get(name, "leave it at 1")}')
+
+
+def _group_along(mesh: DeviceMesh, dims: Sequence[str]):
+    """This rank's group among the ranks that differ only along ``dims``. Every rank creates every
+    such group, in the same order (``new_group`` is collective over the whole world)."""
+    members: Dict[Tuple, List[int]] = {}
+    for rank in range(mesh.world_size):
+        where = mesh.coordinate(rank)
+        members.setdefault(tuple(index for name, index in where.items() if name not in dims), []).append(rank)
+    mine = None
+    for ranks in members.values():
+        group = dist.new_group(ranks)
+        if mesh.rank in ranks:
+            mine = group
+    return mine
 
 
 def _check_size(name: str, size) -> None:

@@ -36,6 +36,13 @@ logger = get_logger(__name__)
 
 FULL_MODEL = ''  # the TrainState name used when no adapter is added
 SHARDED_STATE = 'sharded'  # subfolder of a checkpoint with the FSDP shards of model and optimizer
+APPLIED_DIMS = ('dp', 'fsdp', 'ep')
+UNAPPLIED_ADVICE = {
+    'tp': 'tensor parallelism is MegatronModel\'s (twinkle.model.MegatronModel, through megatron-core)',
+    'pp': 'pipeline parallelism is MegatronModel\'s (twinkle.model.MegatronModel, through megatron-core)',
+    'cp': 'context parallelism is not available for TransformersModel in this version',
+    'ulysses': 'Ulysses sequence parallelism is not available for TransformersModel in this version',
+}
 
 
 class TransformersModel(TwinkleModel):
@@ -62,6 +69,8 @@ class TransformersModel(TwinkleModel):
             raise ValueError('TransformersModel needs model_id or config')
         self.device = backends.current()
         self.device_mesh = device_mesh if device_mesh is not None else global_mesh()
+        if self.device_mesh is not None:
+            self.device_mesh.refuse_unapplied(APPLIED_DIMS, 'TransformersModel', UNAPPLIED_ADVICE)
         self.distributed = self.device_mesh is not None and self.device_mesh.data_world_size > 1
         self.model_id = model_id
         self.precision = choose_precision(self.device, mixed_precision)
@@ -260,7 +269,7 @@ class TransformersModel(TwinkleModel):
         figures: Dict[str, float] = {}
         for metric in metrics:
             if self.distributed:
-                metric.all_reduce(all_reduce_sum)
+                metric.all_reduce(self._data_sum)
             figures.update(metric.compute())
             metric.reset()
         if is_training and state.optimizer is not None:
@@ -381,9 +390,13 @@ class TransformersModel(TwinkleModel):
         marker = f'.{adapter_name}.'
         return [p for n, p in self.model.named_parameters() if p.requires_grad and (not adapter_name or marker in n)]
 
+    def _data_sum(self, value) -> torch.Tensor:
+        """``value`` summed over the data ranks (the mesh's data group), not over every rank."""
+        return all_reduce_sum(value, group=self.device_mesh.data_group()) if self.distributed else all_reduce_sum(value)
+
     def _mean_tokens_per_rank(self, num_tokens) -> float:
         ranks = self.device_mesh.data_world_size if self.distributed else 1
-        return max(float(all_reduce_sum(num_tokens)) / ranks, 1.0)
+        return max(float(self._data_sum(num_tokens)) / ranks, 1.0)
 
     def _apply_kernels(self, kernels) -> None:
         if kernels is None:
@@ -451,7 +464,7 @@ class TransformersModel(TwinkleModel):
             return
         if state.scaler is not None and state.optimizer is not None:
             state.scaler.unscale_(state.optimizer)
-        total_tokens = float(all_reduce_sum(state.pending_tokens))  # over micro-batches and data ranks
+        total_tokens = float(self._data_sum(state.pending_tokens))  # over micro-batches and data ranks
         state.window_tokens = total_tokens
         if total_tokens:
             scale_gradients_(state.parameters, total_tokens / state.loss_unit)
