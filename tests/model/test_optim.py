@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from twinkle.model.optim import CosineWarmupScheduler, LinearWarmupScheduler, build_scheduler
+from twinkle.model.optim import CosineWarmupScheduler, LinearWarmupScheduler, build_optimizer, build_scheduler
 
 
 def schedule(scheduler_cls, steps, **kwargs):
@@ -32,3 +32,28 @@ def test_bad_step_counts_are_refused():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
     with pytest.raises(ValueError, match='num_training_steps'):
         build_scheduler('CosineWarmupScheduler', optimizer, num_warmup_steps=1, num_training_steps=0)
+
+
+def test_the_default_scheduler_warms_up_to_max_lr_and_decays_over_lr_decay_steps():
+    """The seeds' ``set_lr_scheduler('default', lr_decay_steps=..., max_lr=...)``: max_lr replaces the
+    optimizer's lr; cosine to min_lr at lr_decay_steps."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=123.0)
+    scheduler = build_scheduler('default', optimizer, lr_decay_steps=4, max_lr=2.0, min_lr=0.2)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([2.0, 0.2 + 1.8 * (1 + math.cos(math.pi / 4)) / 2, 1.1,
+                                 0.2 + 1.8 * (1 - math.cos(math.pi / 4)) / 2, 0.2])
+
+
+@pytest.mark.parametrize('kwargs, message', [({'max_lr': 0.0}, 'max_lr'), ({'min_lr': 5.0}, 'min_lr')])
+def test_the_default_scheduler_names_a_bad_argument(kwargs, message):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    with pytest.raises(ValueError, match=message):
+        build_scheduler('default', optimizer, lr_decay_steps=4, **kwargs)
+
+
+def test_the_default_optimizer_is_adamw():
+    assert isinstance(build_optimizer('default', [torch.nn.Parameter(torch.ones(1))], lr=1e-3), torch.optim.AdamW)

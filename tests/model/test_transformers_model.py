@@ -56,6 +56,29 @@ def test_gradient_accumulation_normalises_by_total_tokens(tiny_config):
         torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_micro_batch_size_gives_the_gradients_of_the_whole_batch(tiny_config):
+    """forward_backward(batch, micro_batch_size=3): 8 samples in 3 micro-batches of one call, one
+    step -- the parameters of one 8-sample micro-batch."""
+    batch = token_batch(size=8)
+    whole = make_model(tiny_config)
+    whole.set_optimizer('SGD', lr=1.0)
+    whole.forward_backward(inputs=batch)
+    whole.clip_grad_and_step(max_grad_norm=1e9)
+    split = make_model(tiny_config)
+    split.set_optimizer('SGD', lr=1.0)
+    result = split.forward_backward(inputs=batch, micro_batch_size=3)
+    split.clip_grad_and_step(max_grad_norm=1e9)
+    assert result['num_tokens'] == sum(sum(label != -100 for label in row['labels'][1:]) for row in batch)
+    for (name, expected), got in zip(whole.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize('value', [0, 2.5, True])
+def test_a_bad_micro_batch_size_is_named(tiny_config, value):
+    with pytest.raises(ValueError, match='micro_batch_size'):
+        make_model(tiny_config).forward_backward(inputs=token_batch(size=2), micro_batch_size=value)
+
+
 def test_gradient_accumulation_waits_for_all_micro_batches(tiny_config):
     model = make_model(tiny_config)
     model.set_optimizer('AdamW', lr=1e-3)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 OPTIMIZERS = {name: getattr(torch.optim, name) for name in
               ('AdamW', 'Adam', 'SGD', 'Adafactor', 'Adagrad', 'RMSprop') if hasattr(torch.optim, name)}
+OPTIMIZERS['default'] = torch.optim.AdamW  # the seeds' set_optimizer('default', lr=...)
 
 
 def _warmup_then_decay(optimizer, num_warmup_steps: int, num_training_steps: int, min_lr_ratio: float,
@@ -41,7 +42,25 @@ def LinearWarmupScheduler(optimizer, num_warmup_steps: int = 0, num_training_ste
                               lambda progress: 1 - progress)
 
 
-SCHEDULERS = {'CosineWarmupScheduler': CosineWarmupScheduler, 'LinearWarmupScheduler': LinearWarmupScheduler}
+def DefaultScheduler(optimizer, lr_decay_steps: int, max_lr: Optional[float] = None, lr_warmup_steps: int = 0,
+                     min_lr: float = 0.0) -> LambdaLR:
+    """Megatron's way of saying it (the seeds' ``set_lr_scheduler('default', lr_decay_steps=, max_lr=)``):
+    linear warm-up to ``max_lr`` (default: the optimizer's lr), cosine decay to ``min_lr`` at
+    ``lr_decay_steps``."""
+    if max_lr is not None:
+        if max_lr <= 0:
+            raise ValueError(f'max_lr must be positive, got {max_lr!r}')
+        for group in optimizer.param_groups:
+            group['lr'] = group['initial_lr'] = max_lr
+    peak = optimizer.param_groups[0]['lr']
+    if not 0 <= min_lr <= peak:
+        raise ValueError(f'min_lr must be in [0, max_lr={peak}], got {min_lr!r}')
+    return CosineWarmupScheduler(optimizer, num_warmup_steps=lr_warmup_steps, num_training_steps=lr_decay_steps,
+                                 min_lr_ratio=min_lr / peak)
+
+
+SCHEDULERS = {'CosineWarmupScheduler': CosineWarmupScheduler, 'LinearWarmupScheduler': LinearWarmupScheduler,
+              'default': DefaultScheduler}
 
 
 def build_optimizer(optimizer_cls: Union[str, type, torch.optim.Optimizer], params: Iterable, **kwargs: Any):

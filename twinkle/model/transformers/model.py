@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import time
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -18,14 +17,12 @@ from torch import nn
 
 from twinkle import backends, hub
 from twinkle.kernels import kernelize, report
-from twinkle.loss import LOSSES, Loss
+from twinkle.loss import Loss
 from twinkle.model.base import TwinkleModel
-from twinkle.model.optim import build_optimizer, build_scheduler
 from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
-from twinkle.parallel import (all_reduce_sum, apply_expert_parallel, checkpoint_directory, clip_grad_norm_, collective,
-                              global_mesh, load_sharded, parallelize, recover_checkpoint, scale_gradients_, write_full_state_dict,
-                              write_sharded)
+from twinkle.parallel import (apply_expert_parallel, checkpoint_directory, clip_grad_norm_, global_mesh, load_sharded,
+                              parallelize, recover_checkpoint, write_full_state_dict, write_sharded)
 from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
 from twinkle.utils.logger import get_logger
 
@@ -34,7 +31,6 @@ from .batches import model_inputs, to_batches
 
 logger = get_logger(__name__)
 
-FULL_MODEL = ''  # the TrainState name used when no adapter is added
 SHARDED_STATE = 'sharded'  # subfolder of a checkpoint with the FSDP shards of model and optimizer
 APPLIED_DIMS = ('dp', 'fsdp', 'ep')
 UNAPPLIED_ADVICE = {
@@ -87,10 +83,7 @@ class TransformersModel(TwinkleModel):
         self._apply_kernels(kernels)
         if self.device_mesh is not None and self.device_mesh.size('ep') > 1:
             apply_expert_parallel(self.model, self.device_mesh)  # before adapters: LoRA sees the local experts
-        self.template = None
-        self.processor = None
-        self._states: Dict[str, TrainState] = {}
-        self._active = FULL_MODEL
+        self._init_train_states()
         self._parallelized = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -113,168 +106,6 @@ class TransformersModel(TwinkleModel):
         self._active = adapter_name
         logger.info('adapter %r added: %d trainable parameters, gradient accumulation %d', adapter_name,
                     sum(p.numel() for p in parameters), gradient_accumulation_steps)
-
-    def set_optimizer(self, optimizer_cls='AdamW', adapter_name: Optional[str] = None, **kwargs) -> None:
-        self._ensure_parallel()
-        state = self._state(adapter_name)
-        state.optimizer = build_optimizer(optimizer_cls, state.parameters, **kwargs)
-
-    def set_lr_scheduler(self, scheduler_cls='CosineWarmupScheduler', adapter_name: Optional[str] = None,
-                         **kwargs) -> None:
-        state = self._state(adapter_name)
-        if state.optimizer is None:
-            raise RuntimeError('set_lr_scheduler needs an optimizer: call set_optimizer first')
-        state.scheduler = build_scheduler(scheduler_cls, state.optimizer, **kwargs)
-
-    def set_loss(self, loss_cls: Union[str, type, Loss] = 'CrossEntropyLoss', adapter_name: Optional[str] = None,
-                 **kwargs) -> None:
-        if isinstance(loss_cls, str):
-            if loss_cls not in LOSSES:
-                raise ValueError(f'unknown loss {loss_cls!r}; valid: {", ".join(LOSSES)} (or a Loss class/instance)')
-            loss_cls = LOSSES[loss_cls]
-        self._state(adapter_name).loss = loss_cls(**kwargs) if isinstance(loss_cls, type) else loss_cls
-
-    def set_template(self, template='Template', **kwargs) -> None:
-        from twinkle.template import Template
-        if isinstance(template, str) or isinstance(template, type):
-            template_cls = Template if isinstance(template, str) else template
-            kwargs.setdefault('model_id', self.model_id)
-            template = template_cls(**kwargs)
-        self.template = template
-
-    def set_processor(self, processor='InputProcessor', **kwargs) -> None:
-        from twinkle.processor import InputProcessor
-        if isinstance(processor, (str, type)):
-            processor_cls = InputProcessor if isinstance(processor, str) else processor
-            if self.template is not None:
-                kwargs.setdefault('pad_token_id', self.template.pad_token_id)
-            processor = processor_cls(**kwargs)
-        self.processor = processor
-
-    # -- compute --------------------------------------------------------------------------------
-    def forward(self, inputs, adapter_name: Optional[str] = None):
-        """Forward with autograd on (no backward); returns the model output of the last micro-batch."""
-        state = self._state(adapter_name)
-        self._ensure_parallel()
-        self.model.train()
-        outputs = None
-        for batch in self._batches(inputs):
-            outputs = self._run(batch, state.loss)
-        return outputs
-
-    @torch.no_grad()
-    def forward_only(self, inputs, adapter_name: Optional[str] = None):
-        """Inference forward (logits built); updates the evaluation metrics when labels are given."""
-        state = self._state(adapter_name)
-        self._ensure_parallel()
-        self.model.eval()
-        outputs = None
-        for batch in self._batches(inputs):
-            outputs = self._run(batch, state.loss, want_loss=False)
-            if 'labels' in batch:
-                loss_sum, num_tokens = state.loss(batch, outputs)
-                for metric in state.eval_metrics:
-                    metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
-        return outputs
-
-    def forward_backward(self, inputs, adapter_name: Optional[str] = None) -> Dict[str, float]:
-        """One micro-batch of gradient accumulation: forward, loss sum, backward."""
-        state = self._state(adapter_name)
-        self._ensure_parallel()
-        self.model.train()
-        loss_total, tokens_total = 0.0, 0
-        for batch in self._batches(inputs):
-            with collective('forward_backward'):
-                outputs = self._run(batch, state.loss)
-                loss_sum, num_tokens = state.loss(batch, outputs)
-                if not state.loss_unit:  # the window's first micro-batch: mean-sized losses in backward
-                    state.loss_unit = self._mean_tokens_per_rank(num_tokens)
-                scaled = loss_sum / state.loss_unit
-                (state.scaler.scale(scaled) if state.scaler else scaled).backward()
-            for metric in state.train_metrics:
-                metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
-            loss_total += float(loss_sum.detach())
-            tokens_total += int(num_tokens)
-        state.pending_micro_batches += 1
-        state.pending_tokens += tokens_total
-        state.gradients_finalized = False
-        return {'loss': loss_total / tokens_total if tokens_total else float('nan'), 'num_tokens': tokens_total}
-
-    def clip_grad_norm(self, max_grad_norm: float = 1.0, adapter_name: Optional[str] = None) -> float:
-        state = self._state(adapter_name)
-        self._finalize_gradients(state)
-        norm = float(clip_grad_norm_(state.parameters, max_grad_norm))
-        state.progress.update(grad_norm=norm)
-        return norm
-
-    def step(self, adapter_name: Optional[str] = None) -> bool:
-        """One optimizer step over the accumulated gradients; returns whether it stepped.
-
-        A window in which no rank trained a single token (every label ignored) is skipped with a
-        warning, not stepped: its loss is undefined (0/0) and AdamW would still move the weights
-        through weight decay and momentum. The skip is decided on the token count summed over all
-        data ranks, so every rank skips together."""
-        state = self._state(adapter_name)
-        if state.optimizer is None:
-            raise RuntimeError('step() needs an optimizer: call set_optimizer(...) first')
-        if not state.pending_micro_batches:
-            raise RuntimeError('step() with no gradients: call forward_backward(...) first (after zero_grad(), '
-                               'step() has nothing to apply)')
-        self._finalize_gradients(state)
-        if not state.window_tokens:
-            logger.warning('step skipped: the %d micro-batch(es) since the last step have no trained token (every '
-                           'label is -100 on every rank); optimizer step %d not taken', state.pending_micro_batches,
-                           state.optimizer_steps + 1)
-            return False
-        with collective('step'):
-            if state.scaler is not None:
-                state.scaler.step(state.optimizer)
-                state.scaler.update()
-            else:
-                state.optimizer.step()
-        state.optimizer_steps += 1
-        state.progress.update(stepped=True, lr=state.optimizer.param_groups[0]['lr'])
-        return True
-
-    def zero_grad(self, adapter_name: Optional[str] = None) -> None:
-        state = self._state(adapter_name)
-        for parameter in state.parameters:
-            parameter.grad = None
-        state.pending_micro_batches, state.pending_tokens, state.loss_unit = 0, 0, 0
-        state.gradients_finalized = False
-
-    def lr_step(self, adapter_name: Optional[str] = None) -> None:
-        state = self._state(adapter_name)
-        if state.scheduler is not None:
-            state.scheduler.step()
-
-    def clip_grad_and_step(self, max_grad_norm: float = 1.0, adapter_name: Optional[str] = None) -> Optional[float]:
-        """Clip, step, zero and advance the schedule once ``gradient_accumulation_steps`` micro-batches
-        have accumulated; before that it does nothing and returns None."""
-        state = self._state(adapter_name)
-        if state.pending_micro_batches < state.gradient_accumulation_steps:
-            return None
-        norm = self.clip_grad_norm(max_grad_norm, adapter_name)
-        stepped = self.step(adapter_name)
-        self.zero_grad(adapter_name)
-        if stepped:  # a skipped step does not advance the schedule either
-            self.lr_step(adapter_name)
-        return norm
-
-    # -- reporting ------------------------------------------------------------------------------
-    def calculate_metric(self, is_training: bool = True, adapter_name: Optional[str] = None) -> Dict[str, float]:
-        """Numbers since the last call: loss, accuracy (when logits exist), grad norm, lr, tokens, tokens/s."""
-        state = self._state(adapter_name)
-        metrics = state.train_metrics if is_training else state.eval_metrics
-        figures: Dict[str, float] = {}
-        for metric in metrics:
-            if self.distributed:
-                metric.all_reduce(self._data_sum)
-            figures.update(metric.compute())
-            metric.reset()
-        if is_training and state.optimizer is not None:
-            figures['lr'] = state.optimizer.param_groups[0]['lr']
-        return figures
 
     def get_train_configs(self, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         state = self._state(adapter_name)
@@ -390,13 +221,15 @@ class TransformersModel(TwinkleModel):
         marker = f'.{adapter_name}.'
         return [p for n, p in self.model.named_parameters() if p.requires_grad and (not adapter_name or marker in n)]
 
-    def _data_sum(self, value) -> torch.Tensor:
-        """``value`` summed over the data ranks (the mesh's data group), not over every rank."""
-        return all_reduce_sum(value, group=self.device_mesh.data_group()) if self.distributed else all_reduce_sum(value)
+    def _select_adapter(self, name: str) -> None:
+        if getattr(self.model, 'active_adapter', name) != name:
+            self.model.set_adapter(name)
 
-    def _mean_tokens_per_rank(self, num_tokens) -> float:
-        ranks = self.device_mesh.data_world_size if self.distributed else 1
-        return max(float(self._data_sum(num_tokens)) / ranks, 1.0)
+    def _clip_grad_norm(self, parameters: List[nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(parameters, max_grad_norm)
+
+    def _train_mode(self, training: bool) -> None:
+        self.model.train(training)
 
     def _apply_kernels(self, kernels) -> None:
         if kernels is None:
@@ -407,22 +240,6 @@ class TransformersModel(TwinkleModel):
             kernelize(self.model, kernels)
         else:
             raise ValueError(f"kernels must be 'auto', a kernelize mapping or None, got {kernels!r}")
-
-    def _state(self, adapter_name: Optional[str]) -> TrainState:
-        name = self._active if adapter_name is None else adapter_name
-        if name not in self._states:
-            if name != FULL_MODEL:
-                raise ValueError(f'unknown adapter {name!r}; added: {", ".join(self._states) or "none"}')
-            self._states[name] = TrainState(FULL_MODEL, self._trainable_parameters(FULL_MODEL),
-                                            scaler=self._new_scaler())
-        if name and getattr(self.model, 'active_adapter', name) != name:
-            self.model.set_adapter(name)
-        return self._states[name]
-
-    def _new_scaler(self) -> Optional[torch.amp.GradScaler]:
-        if not self.precision.use_grad_scaler:
-            return None
-        return torch.amp.GradScaler(self.device.torch_device_type)
 
     def _batches(self, inputs) -> Iterable[Dict[str, Any]]:
         vocab_size = getattr(self._base_model().config, 'vocab_size', None)
@@ -454,21 +271,6 @@ class TransformersModel(TwinkleModel):
         if self.precision.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.torch_device_type, dtype=self.precision.autocast_dtype)
-
-    def _finalize_gradients(self, state: TrainState) -> None:
-        """Unscale fp16 gradients and turn the accumulated gradients into those of the mean over all
-        tokens of the window and ranks, once. (Backward ran on loss_sum / loss_unit, the first
-        micro-batch's mean token count per rank, so fp16 gradients stay mean-sized; FSDP sums
-        gradients over ranks.)"""
-        if state.gradients_finalized:
-            return
-        if state.scaler is not None and state.optimizer is not None:
-            state.scaler.unscale_(state.optimizer)
-        total_tokens = float(self._data_sum(state.pending_tokens))  # over micro-batches and data ranks
-        state.window_tokens = total_tokens
-        if total_tokens:
-            scale_gradients_(state.parameters, total_tokens / state.loss_unit)
-        state.gradients_finalized = True
 
     def _base_model(self) -> nn.Module:
         get_base = getattr(self.model, 'get_base_model', None)
