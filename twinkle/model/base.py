@@ -12,6 +12,7 @@ import abc
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from twinkle.loss import LOSSES, Loss
 from twinkle.model.optim import build_optimizer, build_scheduler
@@ -238,7 +239,9 @@ class TwinkleModel(abc.ABC):
     def _data_sum(self, value) -> torch.Tensor:
         """``value`` summed over the data ranks (the mesh's data group), never over ranks that hold
         other slices of the same data (tp, pp, cp)."""
-        return all_reduce_sum(value, group=self.device_mesh.data_group()) if self.distributed else all_reduce_sum(value)
+        if self.device_mesh is None or not dist.is_initialized():
+            return all_reduce_sum(value)
+        return all_reduce_sum(value, group=self.device_mesh.data_group())
 
     def _mean_tokens_per_rank(self, num_tokens) -> float:
         ranks = self.device_mesh.data_world_size if self.distributed else 1

@@ -1,0 +1,310 @@
+"""MegatronModel: a Hugging Face causal LM rebuilt as megatron-core's GPTModel, behind the seeds' API.
+
+The HF directory gives the config and the weights; ``bridge`` builds this rank's GPTModel slice
+and ``bridge_keys`` cuts its tensors out of the checkpoint (and puts them back for ``save``).
+Tensor parallelism (with sequence parallelism), expert parallelism and data parallelism come from
+the ``DeviceMesh``; the training loop is ``TwinkleModel``'s. What is Megatron-specific here is how
+gradients meet (``_reduce_gradients``: sequence-parallel norms over tp, everything over the data
+ranks, experts over their own data ranks) and how the gradient norm counts each shard once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from twinkle import backends, hub
+from twinkle.loss import Loss
+from twinkle.model.base import TwinkleModel
+from twinkle.model.precision import choose_precision
+from twinkle.model.transformers.batches import to_batches
+from twinkle.parallel import global_mesh
+from twinkle.parallel.mesh import DeviceMesh
+from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
+from twinkle.utils.logger import get_logger
+
+from . import bridge, bridge_keys, require_megatron
+from .cpu_shim import define_missing_te_names
+from .parallel_state import check_megatron_mesh, destroy_megatron_groups, initialize_megatron_groups
+
+logger = get_logger(__name__)
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclasses.dataclass
+class MegatronOutput:
+    """What ``Loss`` reads: ``loss`` (a sum over the micro-batch's trained tokens) or ``logits``
+    (full vocabulary, gathered over tp; only built by ``forward_only``)."""
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+class MegatronModel(TwinkleModel):
+    """The seeds' training API over megatron-core (the ``megatron`` extra).
+
+    Args:
+        model_id: an HF model directory, ``ms://org/name`` or ``hf://org/name`` (Llama, Qwen2, Qwen3, Qwen3-MoE).
+        device_mesh: tp, pp, dp, ep (and cp) sizes; default: the mesh of ``twinkle.initialize``, else one process.
+        mixed_precision: 'fp32' ('auto' on CPU); 'bf16' / 'fp16' are not built yet.
+        seed: seeds Megatron's tensor-parallel RNG states.
+    """
+
+    def __init__(self, model_id: str, *, device_mesh: Optional[DeviceMesh] = None, mixed_precision: str = 'auto',
+                 seed: int = 0, **kwargs):
+        if kwargs.pop('remote_group', None) is not None:
+            raise NotImplementedError('remote_group needs twinkle.initialize(mode="ray"), which is not available yet')
+        if kwargs:
+            raise TypeError(f'MegatronModel got unexpected arguments {sorted(kwargs)}')
+        require_megatron()
+        self.device = backends.current()
+        self.device_mesh = device_mesh or global_mesh() or DeviceMesh({})
+        check_megatron_mesh(self.device_mesh)
+        self.model_id = model_id
+        self.model_dir = hub.model_dir(model_id)
+        from transformers import AutoConfig
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.sizes = {name: self.device_mesh.size(name) for name in ('tp', 'pp', 'ep')}
+        if self.sizes['pp'] > 1:
+            raise NotImplementedError('pp_size > 1: pipeline parallelism for MegatronModel is not built yet')
+        bridge.check_parallel_sizes(bridge.architecture(self.hf_config), tp=self.sizes['tp'], pp=self.sizes['pp'],
+                                    ep=self.sizes['ep'])
+        self.precision = choose_precision(self.device, mixed_precision)
+        if self.precision.name != 'fp32':
+            raise NotImplementedError(f'mixed_precision={mixed_precision!r} resolves to {self.precision.name}: '
+                                      "MegatronModel trains in 'fp32' only so far")
+        self.distributed = self.device_mesh.data_world_size > 1
+        _ensure_process_group(self.device_mesh)
+        initialize_megatron_groups(self.device_mesh, timeout=GROUP_TIMEOUT, seed=seed)
+        self.device_mesh.data_group()  # created now, by every rank, not inside a training step
+        self.model = self._build()
+        self._init_train_states()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def add_adapter_to_model(self, adapter_name: str, config, gradient_accumulation_steps: int = 1) -> None:
+        raise NotImplementedError('LoRA on MegatronModel is not built yet: train the full model, or use '
+                                  'TransformersModel for adapters')
+
+    def get_train_configs(self, adapter_name: Optional[str] = None) -> Dict[str, Any]:
+        state = self._state(adapter_name)
+        return {'model_id': self.model_id, 'model_class': 'megatron.core.GPTModel', 'device': self.device.type,
+                'precision': self.precision.name, **{f'{name}_size': size for name, size in self.sizes.items()},
+                'sequence_parallel': self.model.config.sequence_parallel,
+                'loss': 'megatron vocab-parallel cross-entropy', 'adapter': state.name or None,
+                'trainable_parameters': sum(p.numel() for p in state.parameters),
+                'optimizer': type(state.optimizer).__name__ if state.optimizer else None,
+                'scheduler': type(state.scheduler).__name__ if state.scheduler else None}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
+             adapter_name: Optional[str] = None) -> str:
+        """Hugging Face safetensors + config of the whole model, written by rank 0 from every
+        rank's slice (gathered over tp and ep)."""
+        if save_optimizer:
+            raise NotImplementedError('save(save_optimizer=True) for MegatronModel is not built yet')
+        from megatron.core import parallel_state
+        path = os.path.join(output_dir, name) if output_dir else name
+        mine = {key: value.detach().cpu() for key, value in self.model.state_dict().items()
+                if not key.endswith('_extra_state')}
+        key = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank())
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (key, mine))
+        if dist.get_rank() == 0:
+            from safetensors.torch import save_file
+            hf_state = bridge_keys.mcore_to_hf(dict(gathered), self.hf_config, tp_size=self.sizes['tp'],
+                                               ep_size=self.sizes['ep'])
+            os.makedirs(path, exist_ok=True)
+            save_file(hf_state, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+            self.hf_config.save_pretrained(path)
+            logger.info('saved the full model (Hugging Face safetensors) to %s', path)
+        dist.barrier()
+        return path
+
+    def load(self, name: str, output_dir: Optional[str] = None, adapter_name: Optional[str] = None,
+             load_optimizer: bool = False) -> None:
+        """Weights of an HF directory (what ``save`` writes) into this rank's slice."""
+        if load_optimizer:
+            raise NotImplementedError('load(load_optimizer=True) for MegatronModel is not built yet')
+        path = os.path.join(output_dir, name) if output_dir else name
+        self.model.load_state_dict(self._rank_state(hub.model_dir(path)), strict=False)
+
+    def close(self) -> None:
+        """Forget megatron-core's process groups (another MegatronModel may then be built)."""
+        destroy_megatron_groups()
+
+    # -- the hooks of TwinkleModel --------------------------------------------------------------
+    def _trainable_parameters(self, adapter_name: str) -> List[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _batches(self, inputs) -> Iterable[Dict[str, Any]]:
+        batches = to_batches(inputs, self.processor, self.template, self.device.local_device(),
+                             self.hf_config.vocab_size)
+        for batch in batches:
+            if 'cu_seq_lens_q' in batch:
+                raise NotImplementedError('packed (padding-free) batches on MegatronModel are not built yet: '
+                                          'use a processor that pads')
+        lengths = [batch['input_ids'].shape[1] for batch in batches]
+        if self.sizes['ep'] > 1:
+            lengths = _common_lengths(lengths)
+        return [_pad_sequence(batch, self.sizes['tp'], length) for batch, length in zip(batches, lengths)]
+
+    def _run(self, batch: Dict[str, Any], loss: Loss, want_loss: bool = True) -> MegatronOutput:
+        """Megatron's forward: vocab-parallel logits, and the loss summed over the trained tokens
+        without ever gathering the vocabulary."""
+        from megatron.core import tensor_parallel
+        input_ids = batch['input_ids']
+        position_ids = batch.get('position_ids')
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        logits = self._mask_padded_vocab(self.model(input_ids, position_ids, _attention_mask(batch)))
+        if not want_loss or 'labels' not in batch:
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return MegatronOutput(logits=full[..., :self.hf_config.vocab_size])
+        labels = shifted_labels(batch['labels'])
+        trained = labels != IGNORE_INDEX
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~trained, 0))
+        return MegatronOutput(loss=(per_token * trained).sum())
+
+    def _clip_grad_norm(self, parameters: List[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+        """The 2-norm over the whole model: a weight copied on every tp rank counts once (tp rank
+        0's), a sharded one by its shards; dense shards meet over tp x pp, experts over their
+        expert-model-parallel group."""
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+        squares = {True: torch.zeros((), dtype=torch.float32), False: torch.zeros((), dtype=torch.float32)}
+        for parameter in parameters:
+            if parameter.grad is not None and param_is_not_tensor_parallel_duplicate(parameter):
+                squares[_is_expert(parameter)] += parameter.grad.float().pow(2).sum()
+        dist.all_reduce(squares[False], group=parallel_state.get_model_parallel_group())
+        dist.all_reduce(squares[True], group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+        norm = (squares[False] + squares[True]).sqrt()
+        coefficient = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad.mul_(coefficient)
+        return norm
+
+    def _reduce_gradients(self, state) -> None:
+        """Sum each gradient over the ranks that computed a part of it: sequence-parallel norm
+        weights over tp (each rank saw its share of the tokens), dense weights over the data ranks,
+        expert weights over the data ranks that hold the same experts."""
+        from megatron.core import parallel_state
+        groups = {'tp': parallel_state.get_tensor_model_parallel_group(),
+                  'dense': parallel_state.get_data_parallel_group(),
+                  'expert': parallel_state.get_expert_data_parallel_group()}
+        for parameter in state.parameters:
+            if parameter.grad is None:
+                continue
+            if getattr(parameter, 'sequence_parallel', False) and self.sizes['tp'] > 1:
+                dist.all_reduce(parameter.grad, group=groups['tp'])
+            data_group = groups['expert' if _is_expert(parameter) else 'dense']
+            if dist.get_world_size(data_group) > 1:
+                dist.all_reduce(parameter.grad, group=data_group)
+
+    def _train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _build(self) -> torch.nn.Module:
+        define_missing_te_names()
+        config = bridge.transformer_config(self.hf_config, tp=self.sizes['tp'], pp=self.sizes['pp'],
+                                           ep=self.sizes['ep'], sequence_parallel=self.sizes['tp'] > 1,
+                                           params_dtype=self.precision.param_dtype,
+                                           device_type=self.device.torch_device_type)
+        model = bridge.gpt_model(self.hf_config, config)
+        missing, unexpected = model.load_state_dict(self._rank_state(self.model_dir), strict=False)
+        missing = [key for key in missing if not key.endswith('_extra_state')]
+        if missing or unexpected:
+            raise RuntimeError(f'the converted weights do not fit the Megatron model: missing {missing[:5]}, '
+                               f'unexpected {unexpected[:5]}')
+        return model.to(self.device.local_device())
+
+    def _rank_state(self, model_dir: str) -> Dict[str, torch.Tensor]:
+        from megatron.core import parallel_state
+        return bridge_keys.hf_to_mcore(bridge_keys.load_hf_state_dict(model_dir), self.hf_config,
+                                       tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                                       tp_size=self.sizes['tp'],
+                                       ep_rank=parallel_state.get_expert_model_parallel_rank(),
+                                       ep_size=self.sizes['ep'])
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf for the zero rows Megatron's vocab-parallel layers pad the vocabulary with (when tp
+        does not divide it), so that they take no probability mass."""
+        vocab = self.hf_config.vocab_size
+        per_rank = logits.shape[-1]
+        from megatron.core import parallel_state
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        if start + per_rank <= vocab:
+            return logits
+        column = torch.arange(start, start + per_rank, device=logits.device)
+        return logits.masked_fill(column >= vocab, float('-inf'))
+
+
+_PADS = {'input_ids': 0, 'labels': IGNORE_INDEX, 'attention_mask': 0}
+
+
+def _common_lengths(lengths: List[int]) -> List[int]:
+    """The longest length of each micro-batch over the expert-parallel group: its all-gather
+    dispatcher exchanges equal-sized token blocks, so every rank pads to the same length (one
+    host read per call, where the batch is built). Every rank must run as many micro-batches."""
+    from megatron.core import parallel_state
+    group = parallel_state.get_expert_model_parallel_group()
+    counts = torch.tensor([len(lengths), -len(lengths)])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    if counts[0] != -counts[1]:
+        raise ValueError(f'the expert-parallel ranks got {int(-counts[1])} to {int(counts[0])} micro-batches in '
+                         f'this call: give every data rank the same number of samples (and micro_batch_size)')
+    longest = torch.tensor(lengths)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    return longest.tolist()
+
+
+def _pad_sequence(batch: Dict[str, Any], multiple: int, length: int) -> Dict[str, Any]:
+    """Right-pad the sequence to ``length`` rounded up to a multiple of ``multiple`` (sequence
+    parallelism splits it over the tp ranks): pad ids, ignored labels, masked keys, positions
+    counting on."""
+    extra = -(-length // multiple) * multiple - batch['input_ids'].shape[1]
+    if not extra:
+        return batch
+    padded = dict(batch)
+    if 'attention_mask' not in batch:
+        padded['attention_mask'] = torch.ones_like(batch['input_ids'])
+    for key, value in _PADS.items():
+        if key in padded:
+            padded[key] = torch.nn.functional.pad(padded[key], (0, extra), value=value)
+    if 'position_ids' in batch:
+        tail = batch['position_ids'][:, -1:] + torch.arange(1, extra + 1, device=batch['position_ids'].device)
+        padded['position_ids'] = torch.cat([batch['position_ids'], tail], dim=1)
+    return padded
+
+
+def _attention_mask(batch: Dict[str, Any]) -> torch.Tensor:
+    """megatron-core's mask: bool [b or 1, 1, s, s], True where a query may not look -- later
+    positions, and padding keys where the batch has an attention_mask."""
+    input_ids = batch['input_ids']
+    length = input_ids.shape[1]
+    blocked = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).triu(1)[None, None]
+    padding = batch.get('attention_mask')
+    if padding is not None:
+        blocked = blocked | (padding == 0)[:, None, None, :]
+    return blocked
+
+
+def _is_expert(parameter: torch.nn.Parameter) -> bool:
+    """Megatron marks expert weights ``allreduce=False``: they are not copies across the data ranks."""
+    return not getattr(parameter, 'allreduce', True)
+
+
+def _ensure_process_group(mesh: DeviceMesh) -> None:
+    """megatron-core needs torch.distributed even in one process: a one-rank gloo group then."""
+    if dist.is_initialized():
+        return
+    if mesh.world_size != 1:
+        raise RuntimeError(f'device_mesh has {mesh.world_size} ranks but no process group exists: launch with '
+                           f'torchrun --nproc_per_node={mesh.world_size} and call twinkle.initialize()')
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1, timeout=GROUP_TIMEOUT)
+    logger.info('MegatronModel: one process, a one-rank gloo process group for megatron-core')
