@@ -4,7 +4,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,triton,liger
+EXTRAS     ?= dev,triton,liger,megatron
 STAMP      := $(VENV)/.twinkle-installed
 # The versions the suite passed with (constraints.txt); UPGRADE=1 installs the newest releases instead,
 # to find drift on purpose (make test-latest), and `make lock` records them once the suite passes.
@@ -31,8 +31,17 @@ $(STAMP): pyproject.toml constraints.txt
 NPROC      ?= 2
 LAUNCH     := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
+# BACKEND=megatron: examples/megatron.py (MegatronModel) on the tiny Qwen3-MoE, then the tiny Qwen3
+# (NPROC=4: tp=2 x ep=2, then tp=2 x dp=2).
+BACKEND    ?= transformers
+
 train: setup
+ifeq ($(BACKEND),megatron)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/megatron.py --model qwen3_moe
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/megatron.py --model qwen3
+else
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/train.py
+endif
 
 # pytest exits 5 when it collects no test: make fails then, as it does on any failure.
 test: setup

@@ -1,8 +1,11 @@
-"""The seeds' single-device example runs unchanged but for the model and data ids (fewer samples)."""
+"""The seeds' single-device example runs unchanged but for the model and data ids (fewer samples); the
+Megatron example on 4 ranks."""
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -14,3 +17,18 @@ def test_single_device_example_trains_and_saves(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Current is step 0 of 6' in result.stderr
     assert (tmp_path / 'last-checkpoint' / 'adapter_model.safetensors').exists()
+
+
+@pytest.mark.slow
+def test_megatron_example_trains_on_four_ranks_and_saves_a_hugging_face_model(tmp_path):
+    """`make train BACKEND=megatron NPROC=4`'s first job, shortened: tiny Qwen3-MoE at tp=2 x ep=2."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu', CUDA_VISIBLE_DEVICES='',
+               OMP_NUM_THREADS='1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=4',
+               str(ROOT / 'examples' / 'megatron.py'), '--model', 'qwen3_moe', '--steps', '3', '--batch-size', '4',
+               '--output', str(tmp_path / 'saved')]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'qwen3_moe on ep_size=2 x tp_size=2: loss' in result.stdout, result.stdout[-2000:]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / 'saved').config.model_type == 'qwen3_moe'
