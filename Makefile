@@ -64,6 +64,7 @@ bench: setup
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick) $(if $(FULL),--full)
 	$(PY) benchmarks/bench_packing.py $(if $(QUICK),--quick)
 	$(PY) benchmarks/bench_expert_parallel.py $(if $(QUICK),--quick)
+	$(PY) benchmarks/bench_megatron_memory.py $(if $(QUICK),--quick)
 
 # On a CUDA machine, under 8 minutes: the kernel tests with Triton compiled (fp32, bf16, fp16), the kernel
 # benchmarks on the GPU, then benchmarks/results/gpu-check/cuda-<gpu>.{json,md}. Elsewhere: says so, exit 2.

@@ -238,7 +238,8 @@ def _plot_ratio(case: dict, name: str, key: str, baseline: str) -> float:
 
 def render_training(paths: Iterable[Path]) -> str:
     """Whole-job benchmarks (bench_packing.py, bench_expert_parallel.py): a section per results file."""
-    renderers = {'packing': _render_packing, 'expert_parallel': _render_expert_parallel}
+    renderers = {'packing': _render_packing, 'expert_parallel': _render_expert_parallel,
+                 'megatron_memory': _render_megatron_memory}
     sections = []
     for path in map(Path, paths):
         kind = path.stem.replace('-quick', '')
@@ -261,6 +262,25 @@ def _render_packing(name: str, result: dict) -> str:
         '| batching | non-pad tokens/s | ratio |', '|---|---|---|',
         f'| padded | {rates["padded"]:.0f} | 1.00 |',
         f'| packed | {rates["packed"]:.0f} | {result["speedup"]:.2f} |', ''])
+
+
+def _render_megatron_memory(name: str, result: dict) -> str:
+    config = result['config']
+    one = result['one_process']
+    rows = [f'| one process | {one["parameters"]:,} | {one["held_bytes"] / 2**20:.0f} | 1.00 | '
+            f'{one["peak_above_imports_bytes"] / 2**20:.0f} | 1.00 |']
+    rows += [f'| tp=2, rank {rank} | {r["parameters"]:,} | {r["held_bytes"] / 2**20:.0f} | {held:.2f} | '
+             f'{r["peak_above_imports_bytes"] / 2**20:.0f} | {peak:.2f} |'
+             for rank, (r, held, peak) in enumerate(zip(result['tp2'], result['held_ratio'], result['peak_ratio']))]
+    return '\n'.join([
+        f'## MegatronModel memory per rank, tp=2 vs one process ({name})', '',
+        f'{result["date"]}, torch {result["torch"]}, CPU gloo, load average {result["load_average"]} at the end. '
+        f'Random Qwen3, hidden {config["hidden_size"]}, {config["num_hidden_layers"]} layers, vocab '
+        f'{config["vocab_size"]}, fp32, AdamW, {result["steps"]} steps of {result["batch"][0]} x '
+        f'{result["batch"][1]} tokens. Held: parameters + gradients + AdamW state on the rank. Peak: VmHWM '
+        f'above the process after its imports (the weight load and the activations count too).', '',
+        '| run | parameters | held MiB | held ÷ one | peak MiB | peak ÷ one |', '|---|---|---|---|---|---|',
+        *rows, ''])
 
 
 def _render_expert_parallel(name: str, result: dict) -> str:
