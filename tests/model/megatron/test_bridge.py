@@ -193,6 +193,7 @@ JOBS = {  # name: (model, tp, ep, pp, ranks)
     'qwen3_moe one process': ('qwen3_moe', 1, 1, 1, 1),
     'qwen3_moe ep=2': ('qwen3_moe', 1, 2, 1, 2),
     'qwen3_moe tp=2 (sequence parallel)': ('qwen3_moe', 2, 1, 1, 2),
+    'qwen3_moe tp=2 x ep=2': ('qwen3_moe', 2, 2, 1, 4),
 }
 
 

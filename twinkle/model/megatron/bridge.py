@@ -5,12 +5,14 @@ config once and checks the parallel sizes against it (pure Python, before any pr
 ``transformer_config`` and ``gpt_model`` build the matching megatron-core ``GPTModel`` for one
 pipeline stage; ``bridge_keys`` moves the weights between the two layouts.
 
-The layer spec is megatron-core's local one (no Transformer Engine, no apex) with one change: its
-norms are ``RMSNorm`` below instead of ``WrappedTorchNorm``, which refuses sequence parallelism.
+The layer spec is megatron-core's local one (no Transformer Engine, no apex) with two changes: its
+norms are ``RMSNorm`` below instead of ``WrappedTorchNorm``, which refuses sequence parallelism,
+and the MoE router gates with a plain linear (``_router_class``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -213,6 +215,29 @@ def _with_rms_norms(layer_spec):
     return dataclasses.replace(layer_spec, submodules=submodules)
 
 
+@functools.lru_cache(maxsize=None)
+def _router_class():
+    """megatron-core's TopKRouter, its gate logits computed by ``F.linear``: 0.16.1's own gating
+    tests ``te_general_gemm``, a name moe_utils defines only when Transformer Engine imports
+    (NameError without it). Routing, its dtype (``moe_router_dtype``) and weights are TopKRouter's."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.moe.router import TopKRouter
+    dtypes = {'fp32': torch.float32, 'fp64': torch.float64}
+
+    class Router(TopKRouter):
+        def gating(self, input: torch.Tensor) -> torch.Tensor:
+            dtype = dtypes.get(self.config.moe_router_dtype, input.dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return F.linear(input.to(dtype), self.weight.to(dtype), bias)
+    return Router
+
+
+def _with_router(layer_spec):
+    mlp = layer_spec.submodules.mlp
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, router=_router_class()))
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
+
+
 def decoder_block_spec(hf_config, *, pp_rank: int = 0, pp_size: int = 1, vp_stage: int = 0, vp_size: int = 1):
     """The TransformerBlock spec of one model chunk: a dense or MoE layer spec per layer, RMSNorm last."""
     require_megatron()
@@ -220,9 +245,9 @@ def decoder_block_spec(hf_config, *, pp_rank: int = 0, pp_size: int = 1, vp_stag
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     arch = architecture(hf_config)
     dense = _with_rms_norms(get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization='RMSNorm'))
-    moe = _with_rms_norms(get_gpt_layer_local_spec(num_experts=arch.num_experts, moe_grouped_gemm=False,
-                                                   qk_layernorm=arch.qk_norm, normalization='RMSNorm')) \
-        if arch.num_experts else None
+    moe = _with_router(_with_rms_norms(get_gpt_layer_local_spec(
+        num_experts=arch.num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm,
+        normalization='RMSNorm'))) if arch.num_experts else None
     layers = stage_layers(arch.num_layers, pp_rank=pp_rank, pp_size=pp_size, vp_stage=vp_stage, vp_size=vp_size)
     return TransformerBlockSubmodules(layer_specs=[moe if arch.is_moe_layer(i) else dense for i in layers],
                                       layer_norm=RMSNorm)
