@@ -199,13 +199,19 @@ JOBS = {  # name: (model, tp, ep, pp, ranks)
 
 @pytest.fixture(scope='module')
 def job_results(tmp_path_factory):
+    """Each job's per-rank results, launched once per module (a failed launch is not retried)."""
     cache = {}
 
     def run(label):
         if label not in cache:
             model, tp, ep, pp, ranks = JOBS[label]
             out = tmp_path_factory.mktemp(label.split()[0])
-            cache[label] = launch('bridge_logits_job', ranks, out, model, str(tp), str(ep), str(pp))[0]
+            try:
+                cache[label] = launch('bridge_logits_job', ranks, out, model, str(tp), str(ep), str(pp))[0]
+            except AssertionError as error:
+                cache[label] = error
+        if isinstance(cache[label], AssertionError):
+            raise cache[label]
         return cache[label]
     return run
 
