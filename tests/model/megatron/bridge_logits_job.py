@@ -94,7 +94,7 @@ def main(out: str, name: str, tp: str, ep: str, pp: str) -> None:
                        ep_rank=ps.get_expert_model_parallel_rank())
     config = transformer_config(hf_config, tp=sizes['tp_size'], pp=sizes['pp_size'], ep=sizes['ep_size'],
                                 sequence_parallel=sizes['tp_size'] > 1)
-    model = gpt_model(hf_config, config, pp_rank=coordinates['pp_rank'])
+    model = gpt_model(hf_config, config)  # this process's pipeline stage
     hf_state = load_hf_state_dict(path)
     model.load_state_dict(hf_to_mcore(hf_state, hf_config, **coordinates, **sizes), strict=True)
     model.eval()

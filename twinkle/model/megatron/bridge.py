@@ -253,15 +253,19 @@ def decoder_block_spec(hf_config, *, pp_rank: int = 0, pp_size: int = 1, vp_stag
                                       layer_norm=RMSNorm)
 
 
-def gpt_model(hf_config, config, *, pp_rank: int = 0, vp_stage: Optional[int] = None):
+def gpt_model(hf_config, config, *, pp_rank: Optional[int] = None, vp_stage: Optional[int] = None):
     """One pipeline stage's (and virtual stage's) GPTModel; Megatron's groups must be initialised.
 
-    Its output is vocab-parallel (each tensor-parallel rank its slice of the padded vocab) and
-    batch-first: ``[b, s, padded_vocab / tp]`` logits when called without labels.
+    ``pp_rank`` defaults to this process's pipeline rank in Megatron's groups. The output is
+    vocab-parallel (each tensor-parallel rank its slice of the padded vocab) and batch-first:
+    ``[b, s, padded_vocab / tp]`` logits when called without labels.
     """
     require_megatron()
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     arch = architecture(hf_config)
+    if pp_rank is None:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size, vp_size = config.pipeline_model_parallel_size, config.virtual_pipeline_model_parallel_size or 1
     chunk = vp_stage or 0
     spec = decoder_block_spec(hf_config, pp_rank=pp_rank, pp_size=pp_size, vp_stage=chunk, vp_size=vp_size)
