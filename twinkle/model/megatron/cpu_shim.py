@@ -9,7 +9,9 @@ three CUDA-only things, and the shim answers each with its CPU equivalent:
   gather and reduce-scatter outputs, the rotary frequencies, ...). On a CPU build of torch that
   call raises ``AssertionError: Torch not compiled with CUDA enabled``. In the megatron-core
   modules listed in ``DEVICE_MODULES`` (and nowhere else), ``torch.cuda.current_device()`` then
-  answers ``torch.device('cpu')``.
+  answers ``torch.device('cpu')``; there too the pipeline schedules' ``torch.zeros(...,
+  device="cuda")`` is made on the CPU and p2p's ``torch.cuda.synchronize()`` returns at once (both
+  raise the same error otherwise).
 - ``cpu_rng_tracker``: ``CudaRNGStatesTracker`` keeps the tensor-parallel RNG states that
   ``model_parallel_cuda_manual_seed`` adds (``add``: ``torch.cuda.get_rng_state()``) and that every
   sequence-parallel block and dropout forks (``fork``: ``torch.cuda.default_generators``); both
@@ -35,8 +37,9 @@ from twinkle.utils.logger import get_logger
 
 logger = get_logger(__name__)
 
-# The megatron-core modules whose torch.cuda.current_device() calls a CPU run reaches (found by
-# running GPTModel forward+backward at tp=2 with sequence parallelism on gloo).
+# The megatron-core modules a CPU run reaches that allocate on (or wait for) "the CUDA device":
+# found by running GPTModel forward+backward at tp=2 with sequence parallelism, the MoE layer at
+# ep=2, and the pipeline schedule at pp=2 on gloo.
 DEVICE_MODULES = (
     'megatron.core.utils',
     'megatron.core.tensor_parallel.layers',
@@ -44,6 +47,8 @@ DEVICE_MODULES = (
     'megatron.core.models.common.embeddings.rotary_pos_embedding',
     'megatron.core.transformer.moe.router',
     'megatron.core.transformer.moe.experts',
+    'megatron.core.pipeline_parallel.p2p_communication',
+    'megatron.core.pipeline_parallel.schedules',
 )
 
 _applied: List[str] = []
@@ -56,6 +61,10 @@ class _CudaSeenFromCpu:
     def current_device() -> torch.device:
         return torch.device('cpu')
 
+    @staticmethod
+    def synchronize(device=None) -> None:
+        """Nothing to wait for: CPU work is done when it returns (gloo's ``wait()`` has waited)."""
+
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
 
@@ -64,6 +73,12 @@ class _TorchSeenFromCpu:
     """``torch`` for a patched module: ``torch.cuda`` is ``_CudaSeenFromCpu``, the rest is torch's."""
 
     cuda = _CudaSeenFromCpu()
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs) -> torch.Tensor:
+        """``torch.zeros`` with ``device='cuda'`` (the pipeline schedules' token count) on the CPU."""
+        on_cuda = device is not None and torch.device(device).type == 'cuda'
+        return torch.zeros(*size, device='cpu' if on_cuda else device, **kwargs)
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -80,7 +95,8 @@ def _patch_cuda_device_is_cpu() -> str:
             raise RuntimeError(f'{name} does not hold torch as a global any more: this megatron-core release '
                                f'needs a new CPU shim (tested with megatron-core 0.16)')
         module.torch = _TORCH_SEEN_FROM_CPU
-    return f"torch.cuda.current_device() answers 'cpu' in {', '.join(DEVICE_MODULES)}"
+    return (f"torch.cuda.current_device() answers 'cpu', torch.cuda.synchronize() returns at once and "
+            f"torch.zeros(device='cuda') is made on the CPU in {', '.join(DEVICE_MODULES)}")
 
 
 def _add_cpu_state(tracker, name: str, seed: int) -> None:
