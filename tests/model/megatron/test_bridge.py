@@ -239,3 +239,15 @@ def test_tp2_ranks_hold_about_half_the_parameters(job_results):
     one = job_results('qwen3 one process')[0]['parameters']
     halves = [r['parameters'] for r in job_results('qwen3 tp=2 (sequence parallel)')]
     assert all(h <= 0.55 * one for h in halves), (halves, one)
+
+
+def test_per_expert_file_loads_in_transformers(tmp_path):
+    """What save() writes for an MoE model (the per-expert layout) is what from_pretrained reads."""
+    from safetensors.torch import save_file
+    config, hf_state = tiny('qwen3_moe')
+    _, restored = all_ranks(hf_state, config, tp=2, pp=1, ep=2, expert_layout='per_expert')
+    save_file(restored, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+    config.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(assets.tiny_model_path('qwen3_moe'), dtype=torch.float32)
+    assert_same_tensors(loaded, original.state_dict())
