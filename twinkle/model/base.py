@@ -113,15 +113,9 @@ class TwinkleModel(abc.ABC):
         state = self._state(adapter_name)
         self._ensure_parallel()
         self._train_mode(True)
+        batches = [batch for chunk in _split(inputs, micro_batch_size) for batch in self._batches(chunk)]
         loss_total, tokens_total = 0.0, 0
-        for batch in (batch for chunk in _split(inputs, micro_batch_size) for batch in self._batches(chunk)):
-            with collective('forward_backward'):
-                outputs = self._run(batch, state.loss)
-                loss_sum, num_tokens = state.loss(batch, outputs)
-                if not state.loss_unit:  # the window's first micro-batch: mean-sized losses in backward
-                    state.loss_unit = self._mean_tokens_per_rank(num_tokens)
-                scaled = loss_sum / state.loss_unit
-                (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+        for batch, outputs, loss_sum, num_tokens in self._forward_backward_batches(batches, state):
             for metric in state.train_metrics:
                 metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
             loss_total += float(loss_sum.detach())
@@ -130,6 +124,19 @@ class TwinkleModel(abc.ABC):
         state.pending_tokens += tokens_total
         state.gradients_finalized = False
         return {'loss': loss_total / tokens_total if tokens_total else float('nan'), 'num_tokens': tokens_total}
+
+    def _forward_backward_batches(self, batches: List[Dict[str, Any]], state: TrainState):
+        """(batch, outputs, loss_sum, num_tokens) of each micro-batch, after its backward; one
+        micro-batch at a time (a pipeline schedule overrides this)."""
+        for batch in batches:
+            with collective('forward_backward'):
+                outputs = self._run(batch, state.loss)
+                loss_sum, num_tokens = state.loss(batch, outputs)
+                if not state.loss_unit:  # the window's first micro-batch: mean-sized losses in backward
+                    state.loss_unit = self._mean_tokens_per_rank(num_tokens)
+                scaled = loss_sum / state.loss_unit
+                (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+            yield batch, outputs, loss_sum, num_tokens
 
     def clip_grad_norm(self, max_grad_norm: float = 1.0, adapter_name: Optional[str] = None) -> float:
         state = self._state(adapter_name)

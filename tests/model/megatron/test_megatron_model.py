@@ -1,6 +1,7 @@
 """MegatronModel against one-process TransformersModel on the same data and seed (tests/model/megatron/
 train_job.py: 5 steps of the seeds' loop, set_optimizer('default'), set_lr_scheduler('default'),
-micro_batch_size=1, clipping at 1.0), fp32 on CPU gloo.
+micro_batch_size=1 -- 4 micro-batches a step, which pp runs through its schedule --, clipping at
+1.0), fp32 on CPU gloo.
 
 Tolerances: trajectories rel 1e-5 (only the order of fp32 sums differs: tp splits GEMMs, ep moves
 tokens); logits after the 5 steps 2e-5 of their scale (5 AdamW updates amplify those differences).
@@ -50,12 +51,14 @@ def test_one_process_trains_like_transformers_model(runs, model):
     assert_close_to_scale(result['logits'], result['transformers_logits'], LOGITS_RTOL)
 
 
-@pytest.mark.parametrize('model, sizes', [('qwen3', 'tp=2'), ('qwen3_moe', 'ep=2'), ('qwen3_moe', 'tp=2')])
+@pytest.mark.parametrize('model, sizes', [('qwen3', 'tp=2'), ('qwen3', 'pp=2'), ('qwen3_moe', 'ep=2'),
+                                         ('qwen3_moe', 'tp=2')])
 def test_two_ranks_train_like_one_transformers_model(runs, model, sizes):
     reference, _ = runs(model, '', 1)
     result, _ = runs(model, sizes, 2)
     assert_same_trajectory(result['megatron'], reference['transformers'])
-    assert_close_to_scale(result['logits'], reference['transformers_logits'], LOGITS_RTOL)
+    if 'pp' not in sizes:  # forward_only through the pipeline is not built yet
+        assert_close_to_scale(result['logits'], reference['transformers_logits'], LOGITS_RTOL)
 
 
 def test_tp2_holds_half_the_parameters_per_rank(runs):
@@ -66,9 +69,11 @@ def test_tp2_holds_half_the_parameters_per_rank(runs):
 
 
 @pytest.mark.slow
-def test_dp2_x_tp2_trains_like_one_transformers_model(runs):
+@pytest.mark.parametrize('sizes', ['dp=2,tp=2', 'tp=2,pp=2'])
+def test_four_ranks_train_like_one_transformers_model(runs, sizes):
+    """pp runs 4 micro-batches of one sample per step through megatron-core's 1F1B schedule."""
     reference, _ = runs('qwen3', '', 1)
-    result, _ = runs('qwen3', 'dp=2,tp=2', 4)
+    result, _ = runs('qwen3', sizes, 4)
     assert_same_trajectory(result['megatron'], reference['transformers'])
 
 

@@ -2,7 +2,7 @@
 
 megatron-core has no CPU path. With the local (non Transformer-Engine) layer spec and
 ``use_cpu_initialization=True`` a GPTModel builds on CPU, but its forward and backward stop on
-three CUDA-only things, and the shim answers each with its CPU equivalent:
+four CUDA-only things, and the shim answers each with its CPU equivalent:
 
 - ``cuda_device_is_cpu``: megatron-core allocates its working tensors with
   ``device=torch.cuda.current_device()`` (``GlobalMemoryBuffer.get_tensor``, the sequence-parallel
@@ -20,6 +20,9 @@ three CUDA-only things, and the shim answers each with its CPU equivalent:
 - ``cpu_causal_mask``: called without an ``attention_mask``, the softmax builds its causal mask
   with ``torch.ones(sq, sq, device="cuda")`` (``transformer.utils.get_default_causal_mask``):
   ``AssertionError: Torch not compiled with CUDA enabled``. It is then built on the CPU.
+- ``cpu_tied_embedding_copy``: with pp > 1 and tied embeddings the last stage's copy of the
+  embedding is moved with ``weight.data.cuda()`` before it is all-reduced from the first stage
+  (same error); during that set-up call a CPU tensor stays where it is.
 
 Never on a GPU: ``apply_cpu_shim`` raises when the model's device is not the CPU or when CUDA is
 visible to the process (hide it with ``CUDA_VISIBLE_DEVICES=`` for a CPU run on a GPU host).
@@ -147,10 +150,30 @@ def _patch_cpu_causal_mask() -> str:
     return 'the default causal mask (attention_mask=None) is built on the CPU, not device="cuda"'
 
 
+def _patch_cpu_tied_embedding_copy() -> str:
+    """With pp > 1 and tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer`` moves
+    the first/last stage copy with ``weight.data.cuda()`` before all-reducing it (a Tensor method,
+    out of reach of ``cuda_device_is_cpu``). During that call only, ``Tensor.cuda`` leaves a CPU
+    tensor where it is."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self, *args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *_, **__: tensor
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+    return 'the tied embedding copy between the first and last pipeline stages stays on the CPU'
+
+
 _PATCHES: Dict[str, Callable[[], str]] = {
     'cuda_device_is_cpu': _patch_cuda_device_is_cpu,
     'cpu_rng_tracker': _patch_cpu_rng_tracker,
     'cpu_causal_mask': _patch_cpu_causal_mask,
+    'cpu_tied_embedding_copy': _patch_cpu_tied_embedding_copy,
 }
 
 
@@ -173,20 +196,6 @@ def apply_cpu_shim(device_type: str) -> Tuple[str, ...]:
             logger.info('megatron-core CPU shim: %s (%s)', name, patch())
             _applied.append(name)
     return applied_patches()
-
-
-def define_missing_te_names() -> None:
-    """megatron-core 0.16.1 without Transformer Engine: ``moe_utils`` imports ``te_general_gemm``
-    inside a try and, when TE is missing, never defines it, so the MoE router's gating GEMM fails
-    with ``NameError: name 'te_general_gemm' is not defined`` -- on any device. Defining it as None
-    selects the module's own torch.mm path, which is what the code intends without TE. Not a CPU
-    patch (a GPU without TE needs it too), so it lives apart from ``apply_cpu_shim``."""
-    from megatron.core.transformer.moe import moe_utils
-    if not hasattr(moe_utils, 'te_general_gemm'):
-        moe_utils.te_general_gemm = None
-        logger.info('megatron-core: moe_utils.te_general_gemm = None (Transformer Engine is not installed; '
-                    'the router runs its torch.mm path)')
-        _applied.append('te_general_gemm_none')
 
 
 def applied_patches() -> Tuple[str, ...]:

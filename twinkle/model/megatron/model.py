@@ -2,8 +2,9 @@
 
 The HF directory gives the config and the weights; ``bridge`` builds this rank's GPTModel slice
 and ``bridge_keys`` cuts its tensors out of the checkpoint (and puts them back for ``save``).
-Tensor parallelism (with sequence parallelism), expert parallelism and data parallelism come from
-the ``DeviceMesh``; the training loop is ``TwinkleModel``'s. What is Megatron-specific here is how
+Tensor parallelism (with sequence parallelism), pipeline parallelism (megatron-core's 1F1B
+schedule), expert parallelism and data parallelism come from the ``DeviceMesh``; the training loop
+is ``TwinkleModel``'s. What is Megatron-specific here is how
 gradients meet (``_reduce_gradients``: sequence-parallel norms over tp, everything over the data
 ranks, experts over their own data ranks) and how the gradient norm counts each shard once.
 """
@@ -22,13 +23,13 @@ from twinkle.loss import Loss
 from twinkle.model.base import TwinkleModel
 from twinkle.model.precision import choose_precision
 from twinkle.model.transformers.batches import to_batches
-from twinkle.parallel import global_mesh
 from twinkle.parallel.mesh import DeviceMesh
+from twinkle.loss.base import count_tokens
+from twinkle.parallel import collective, global_mesh
 from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
 from twinkle.utils.logger import get_logger
 
 from . import bridge, bridge_keys, require_megatron
-from .cpu_shim import define_missing_te_names
 from .parallel_state import check_megatron_mesh, destroy_megatron_groups, initialize_megatron_groups
 
 logger = get_logger(__name__)
@@ -49,7 +50,9 @@ class MegatronModel(TwinkleModel):
 
     Args:
         model_id: an HF model directory, ``ms://org/name`` or ``hf://org/name`` (Llama, Qwen2, Qwen3, Qwen3-MoE).
-        device_mesh: tp, pp, dp, ep (and cp) sizes; default: the mesh of ``twinkle.initialize``, else one process.
+        device_mesh: tp, pp, dp, ep sizes; default: the mesh of ``twinkle.initialize``, else one process.
+            With pp > 1, forward_backward runs the pipeline schedule; forward, forward_only and save
+            through the pipeline are not built yet.
         mixed_precision: 'fp32' ('auto' on CPU); 'bf16' / 'fp16' are not built yet.
         seed: seeds Megatron's tensor-parallel RNG states.
     """
@@ -69,8 +72,6 @@ class MegatronModel(TwinkleModel):
         from transformers import AutoConfig
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.sizes = {name: self.device_mesh.size(name) for name in ('tp', 'pp', 'ep')}
-        if self.sizes['pp'] > 1:
-            raise NotImplementedError('pp_size > 1: pipeline parallelism for MegatronModel is not built yet')
         bridge.check_parallel_sizes(bridge.architecture(self.hf_config), tp=self.sizes['tp'], pp=self.sizes['pp'],
                                     ep=self.sizes['ep'])
         self.precision = choose_precision(self.device, mixed_precision)
@@ -82,6 +83,7 @@ class MegatronModel(TwinkleModel):
         initialize_megatron_groups(self.device_mesh, timeout=GROUP_TIMEOUT, seed=seed)
         self.device_mesh.data_group()  # created now, by every rank, not inside a training step
         self.model = self._build()
+        self.model.config.calculate_per_token_loss = True  # the pipeline schedule leaves our sums unscaled
         self._init_train_states()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -106,6 +108,8 @@ class MegatronModel(TwinkleModel):
         rank's slice (gathered over tp and ep)."""
         if save_optimizer:
             raise NotImplementedError('save(save_optimizer=True) for MegatronModel is not built yet')
+        if self.sizes['pp'] > 1:
+            raise NotImplementedError('save() with pp_size > 1 is not built yet (the stages are not gathered)')
         from megatron.core import parallel_state
         path = os.path.join(output_dir, name) if output_dir else name
         mine = {key: value.detach().cpu() for key, value in self.model.state_dict().items()
@@ -156,18 +160,59 @@ class MegatronModel(TwinkleModel):
         """Megatron's forward: vocab-parallel logits, and the loss summed over the trained tokens
         without ever gathering the vocabulary."""
         from megatron.core import tensor_parallel
-        input_ids = batch['input_ids']
-        position_ids = batch.get('position_ids')
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        logits = self._mask_padded_vocab(self.model(input_ids, position_ids, _attention_mask(batch)))
+        if self.sizes['pp'] > 1:
+            raise NotImplementedError('with pp_size > 1 MegatronModel trains (forward_backward); forward and '
+                                      'forward_only through the pipeline are not built yet')
+        logits = self.model(batch['input_ids'], _position_ids(batch), _attention_mask(batch))
         if not want_loss or 'labels' not in batch:
-            full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(self._mask_padded_vocab(logits))
             return MegatronOutput(logits=full[..., :self.hf_config.vocab_size])
-        labels = shifted_labels(batch['labels'])
+        return MegatronOutput(loss=self._loss_sum(logits, batch['labels']))
+
+    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy summed over the trained tokens, from vocab-parallel logits."""
+        from megatron.core import tensor_parallel
+        labels = shifted_labels(labels)
         trained = labels != IGNORE_INDEX
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(~trained, 0))
-        return MegatronOutput(loss=(per_token * trained).sum())
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(self._mask_padded_vocab(logits).float(),
+                                                                 labels.masked_fill(~trained, 0))
+        return (per_token * trained).sum()
+
+    def _forward_backward_batches(self, batches: List[Dict[str, Any]], state):
+        """With pp > 1 megatron-core's 1F1B schedule runs the micro-batches through the stages
+        (activations and their gradients travel by p2p); the last stage computes the losses, which
+        are then broadcast over the pipeline group so that every stage reports the same metrics."""
+        if self.sizes['pp'] == 1:
+            yield from super()._forward_backward_batches(batches, state)
+            return
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        batches = _same_shape(batches, self.sizes['tp'])
+        counts = [count_tokens(batch['labels']) for batch in batches]
+        if not state.loss_unit:
+            state.loss_unit = self._mean_tokens_per_rank(counts[0])
+        sums = []
+
+        def forward_step(iterator, model):
+            batch = next(iterator)
+            output = model(batch['input_ids'], _position_ids(batch), _attention_mask(batch))
+
+            def loss_func(logits):
+                loss_sum = self._loss_sum(logits, batch['labels'])
+                sums.append(loss_sum.detach())
+                return loss_sum / state.loss_unit, count_tokens(batch['labels']).int(), {}
+            return output, loss_func
+
+        with collective('forward_backward'):
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
+                num_microbatches=len(batches), seq_length=batches[0]['input_ids'].shape[1],
+                micro_batch_size=batches[0]['input_ids'].shape[0], forward_only=False)
+            losses = torch.stack(sums) if sums else torch.zeros(len(batches))
+            dist.broadcast(losses, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        for batch, loss_sum, num_tokens in zip(batches, losses, counts):
+            yield batch, MegatronOutput(loss=loss_sum), loss_sum, num_tokens
 
     def _clip_grad_norm(self, parameters: List[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
         """The 2-norm over the whole model: a weight copied on every tp rank counts once (tp rank
@@ -177,7 +222,9 @@ class MegatronModel(TwinkleModel):
         from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
         squares = {True: torch.zeros((), dtype=torch.float32), False: torch.zeros((), dtype=torch.float32)}
         for parameter in parameters:
-            if parameter.grad is not None and param_is_not_tensor_parallel_duplicate(parameter):
+            if parameter.grad is None or getattr(parameter, 'shared', False):  # the last stage's tied copy
+                continue
+            if param_is_not_tensor_parallel_duplicate(parameter):
                 squares[_is_expert(parameter)] += parameter.grad.float().pow(2).sum()
         dist.all_reduce(squares[False], group=parallel_state.get_model_parallel_group())
         dist.all_reduce(squares[True], group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
@@ -189,9 +236,10 @@ class MegatronModel(TwinkleModel):
         return norm
 
     def _reduce_gradients(self, state) -> None:
-        """Sum each gradient over the ranks that computed a part of it: sequence-parallel norm
-        weights over tp (each rank saw its share of the tokens), dense weights over the data ranks,
-        expert weights over the data ranks that hold the same experts."""
+        """Sum each gradient over the ranks that computed a part of it: a tied embedding over its
+        first- and last-stage copies, sequence-parallel norm weights over tp (each rank saw its
+        share of the tokens), dense weights over the data ranks, expert weights over the data ranks
+        that hold the same experts."""
         from megatron.core import parallel_state
         groups = {'tp': parallel_state.get_tensor_model_parallel_group(),
                   'dense': parallel_state.get_data_parallel_group(),
@@ -199,6 +247,9 @@ class MegatronModel(TwinkleModel):
         for parameter in state.parameters:
             if parameter.grad is None:
                 continue
+            if getattr(parameter, 'shared_embedding', False) and self.sizes['pp'] > 1:
+                # a tied embedding lives on the first and the last stage: both copies take the sum
+                dist.all_reduce(parameter.grad, group=parallel_state.get_embedding_group())
             if getattr(parameter, 'sequence_parallel', False) and self.sizes['tp'] > 1:
                 dist.all_reduce(parameter.grad, group=groups['tp'])
             data_group = groups['expert' if _is_expert(parameter) else 'dense']
@@ -210,12 +261,12 @@ class MegatronModel(TwinkleModel):
 
     # -- internals ------------------------------------------------------------------------------
     def _build(self) -> torch.nn.Module:
-        define_missing_te_names()
         config = bridge.transformer_config(self.hf_config, tp=self.sizes['tp'], pp=self.sizes['pp'],
                                            ep=self.sizes['ep'], sequence_parallel=self.sizes['tp'] > 1,
                                            params_dtype=self.precision.param_dtype,
                                            device_type=self.device.torch_device_type)
-        model = bridge.gpt_model(self.hf_config, config)
+        from megatron.core import parallel_state
+        model = bridge.gpt_model(self.hf_config, config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
         missing, unexpected = model.load_state_dict(self._rank_state(self.model_dir), strict=False)
         missing = [key for key in missing if not key.endswith('_extra_state')]
         if missing or unexpected:
@@ -228,6 +279,8 @@ class MegatronModel(TwinkleModel):
         return bridge_keys.hf_to_mcore(bridge_keys.load_hf_state_dict(model_dir), self.hf_config,
                                        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                                        tp_size=self.sizes['tp'],
+                                       pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                                       pp_size=self.sizes['pp'],
                                        ep_rank=parallel_state.get_expert_model_parallel_rank(),
                                        ep_size=self.sizes['ep'])
 
@@ -245,6 +298,25 @@ class MegatronModel(TwinkleModel):
 
 
 _PADS = {'input_ids': 0, 'labels': IGNORE_INDEX, 'attention_mask': 0}
+
+
+def _position_ids(batch: Dict[str, Any]) -> torch.Tensor:
+    position_ids = batch.get('position_ids')
+    if position_ids is None:
+        input_ids = batch['input_ids']
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return position_ids
+
+
+def _same_shape(batches: List[Dict[str, Any]], multiple: int) -> List[Dict[str, Any]]:
+    """The pipeline's p2p buffers have one shape per call: every micro-batch padded to the
+    longest, and all of the same number of rows (micro_batch_size must divide the samples)."""
+    rows = {batch['input_ids'].shape[0] for batch in batches}
+    if len(rows) > 1:
+        raise ValueError(f'with pp_size > 1 every micro-batch needs the same number of samples, got {sorted(rows)}: '
+                         f'choose a micro_batch_size that divides the samples of each forward_backward call')
+    longest = max(batch['input_ids'].shape[1] for batch in batches)
+    return [_pad_sequence(batch, multiple, longest) for batch in batches]
 
 
 def _common_lengths(lengths: List[int]) -> List[int]:
