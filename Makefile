@@ -32,7 +32,7 @@ NPROC      ?= 2
 LAUNCH     := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
 # BACKEND=megatron: examples/megatron.py (MegatronModel) on the tiny Qwen3-MoE, then the tiny Qwen3
-# (NPROC=4: tp=2 x ep=2, then tp=2 x dp=2).
+# (NPROC=4: tp=2 x ep=2, then tp=2 x pp=2).
 BACKEND    ?= transformers
 
 train: setup

@@ -1,12 +1,13 @@
 """Full-parameter finetune of an embedded tiny model with MegatronModel (megatron-core), offline.
 
-    make train BACKEND=megatron NPROC=4     # tiny Qwen3-MoE at tp=2 x ep=2, then tiny Qwen3 at tp=2 x dp=2
+    make train BACKEND=megatron NPROC=4     # tiny Qwen3-MoE at tp=2 x ep=2, then tiny Qwen3 at tp=2 x pp=2
 
 The seeds' shape: ``MegatronModel(model_id=..., device_mesh=...)``, ``set_optimizer('default',
 lr=...)``, ``set_lr_scheduler('default', lr_decay_steps=..., max_lr=...)``, forward_backward with
 ``micro_batch_size``, clip_grad_and_step, calculate_metric, save (Hugging Face safetensors, which
-plain transformers loads on one process). Tensor parallelism runs with sequence parallelism.
-Not yet: LoRA and pipeline parallelism on MegatronModel (see the README).
+plain transformers loads on one process). Tensor parallelism runs with sequence parallelism;
+pipeline parallelism through megatron-core's 1F1B schedule (micro_batch_size=2: 4 micro-batches).
+Not yet: LoRA on MegatronModel (see the README).
 """
 import argparse
 import os
@@ -23,7 +24,7 @@ from twinkle.dataset import Dataset, DatasetMeta  # noqa: E402
 from twinkle.model.megatron import MegatronModel  # noqa: E402
 from twinkle.preprocessor import SelfCognitionProcessor  # noqa: E402
 
-SIZES = {'qwen3_moe': dict(tp_size=2, ep_size=2), 'qwen3': dict(tp_size=2, dp_size=2)}
+SIZES = {'qwen3_moe': dict(tp_size=2, ep_size=2), 'qwen3': dict(tp_size=2, pp_size=2)}
 
 
 def parse_args():

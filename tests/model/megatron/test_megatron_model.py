@@ -77,14 +77,25 @@ def test_four_ranks_train_like_one_transformers_model(runs, sizes):
     assert_same_trajectory(result['megatron'], reference['transformers'])
 
 
-@pytest.mark.parametrize('model, sizes, nproc', [('qwen3', 'tp=2', 2), ('qwen3_moe', 'ep=2', 2)])
-def test_save_writes_a_hugging_face_model_with_the_trained_logits(runs, model, sizes, nproc):
-    result, out = runs(model, sizes, nproc)
+def saved_logits(out):
     loaded = AutoModelForCausalLM.from_pretrained(out / 'saved', dtype=torch.float32)
     ids = torch.randint(0, loaded.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        logits = loaded(input_ids=ids).logits
-    assert_close_to_scale(logits, result['logits'], 1e-5)
+        return loaded(input_ids=ids).logits
+
+
+@pytest.mark.parametrize('model, sizes, nproc', [('qwen3', 'tp=2', 2), ('qwen3_moe', 'ep=2', 2)])
+def test_save_writes_a_hugging_face_model_with_the_trained_logits(runs, model, sizes, nproc):
+    result, out = runs(model, sizes, nproc)
+    assert_close_to_scale(saved_logits(out), result['logits'], 1e-5)
+
+
+def test_save_gathers_the_pipeline_stages(runs):
+    """pp=2: each stage's layers (and the tied embedding once) in one HF checkpoint; its logits are
+    those of one-process TransformersModel trained on the same data."""
+    reference, _ = runs('qwen3', '', 1)
+    _, out = runs('qwen3', 'pp=2', 2)
+    assert_close_to_scale(saved_logits(out), reference['transformers_logits'], LOGITS_RTOL)
 
 
 def test_a_model_family_the_bridge_does_not_know_is_named(tmp_path):

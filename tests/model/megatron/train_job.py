@@ -65,11 +65,11 @@ def main(out: str, name: str, sizes: str) -> None:
     vocab = model.hf_config.vocab_size
     result = {'megatron': train(model, batches(vocab, mesh.data_rank, mesh.data_world_size), micro_batch_size=1),
               'parameters': sum(p.numel() for p in model.model.parameters())}
-    if mesh.size('pp') == 1:  # forward_only and save through the pipeline are not built yet
+    if mesh.size('pp') == 1:  # forward_only through the pipeline is not built yet
         logits = probe(model, vocab)
-        model.save('saved', output_dir=str(out_dir))
         if not distributed or dist.get_rank() == 0:
             result['logits'] = logits
+    model.save('saved', output_dir=str(out_dir))
     model.close()
     if not distributed:
         hf = TransformersModel(model_id=path, mixed_precision='fp32')

@@ -51,7 +51,7 @@ class MegatronModel(TwinkleModel):
     Args:
         model_id: an HF model directory, ``ms://org/name`` or ``hf://org/name`` (Llama, Qwen2, Qwen3, Qwen3-MoE).
         device_mesh: tp, pp, dp, ep sizes; default: the mesh of ``twinkle.initialize``, else one process.
-            With pp > 1, forward_backward runs the pipeline schedule; forward, forward_only and save
+            With pp > 1, forward_backward runs the pipeline schedule; forward and forward_only
             through the pipeline are not built yet.
         mixed_precision: 'fp32' ('auto' on CPU); 'bf16' / 'fp16' are not built yet.
         seed: seeds Megatron's tensor-parallel RNG states.
@@ -105,22 +105,26 @@ class MegatronModel(TwinkleModel):
     def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
              adapter_name: Optional[str] = None) -> str:
         """Hugging Face safetensors + config of the whole model, written by rank 0 from every
-        rank's slice (gathered over tp and ep)."""
+        rank's slice (gathered over tp, ep and the pipeline stages)."""
         if save_optimizer:
             raise NotImplementedError('save(save_optimizer=True) for MegatronModel is not built yet')
-        if self.sizes['pp'] > 1:
-            raise NotImplementedError('save() with pp_size > 1 is not built yet (the stages are not gathered)')
         from megatron.core import parallel_state
         path = os.path.join(output_dir, name) if output_dir else name
         mine = {key: value.detach().cpu() for key, value in self.model.state_dict().items()
                 if not key.endswith('_extra_state')}
-        key = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank())
+        where = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+                 parallel_state.get_expert_model_parallel_rank())
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (key, mine))
+        dist.all_gather_object(gathered, (where, mine))
         if dist.get_rank() == 0:
             from safetensors.torch import save_file
-            hf_state = bridge_keys.mcore_to_hf(dict(gathered), self.hf_config, tp_size=self.sizes['tp'],
-                                               ep_size=self.sizes['ep'])
+            hf_state = {}
+            for stage in range(self.sizes['pp']):
+                shards = {(tp_rank, ep_rank): state for (pp_rank, tp_rank, ep_rank), state in gathered
+                          if pp_rank == stage}
+                hf_state.update(bridge_keys.mcore_to_hf(shards, self.hf_config, tp_size=self.sizes['tp'],
+                                                        ep_size=self.sizes['ep'], pp_rank=stage,
+                                                        pp_size=self.sizes['pp']))
             os.makedirs(path, exist_ok=True)
             save_file(hf_state, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
             self.hf_config.save_pretrained(path)
