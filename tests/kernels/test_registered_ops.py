@@ -139,6 +139,13 @@ def varlen_attention_args(case, dtype):
             True, 8 ** -0.5, max([end - start for start, end in zip(bounds, bounds[1:])], default=0))
 
 
+def varlen_attention_lse_args(case, dtype):
+    bounds_q, bounds_k = {'odd': ([0, 3, 3, 7], [0, 2, 4, 4]), 'empty': ([0], [0])}[case]  # no keys for sequence 2
+    return (randn(bounds_q[-1], 4, 8, dtype=dtype, grad=True), randn(bounds_k[-1], 2, 8, dtype=dtype, seed=1, grad=True),
+            randn(bounds_k[-1], 2, 8, dtype=dtype, seed=2, grad=True), on_device(bounds_q, torch.int32),
+            on_device(bounds_k, torch.int32), False, 8 ** -0.5)
+
+
 def needs(op_name, backend):
     """Skip unless ``backend`` of ``op_name`` runs on the test device; import its module."""
     reason = registry.unavailable_reason(op_name, backend, DEVICE)
@@ -156,6 +163,7 @@ REFERENCE = {  # registry op -> its sample inputs
     'moe_unpermute': moe_unpermute_args,
     'grouped_experts': grouped_experts_args,
     'varlen_attention': varlen_attention_args,
+    'varlen_attention_lse': varlen_attention_lse_args,
 }
 FAST = {  # (backend, op) -> (the registry op whose module registers it, its sample inputs)
     ('cpu', 'rms_norm_forward'): ('rms_norm', rms_norm_args),
@@ -247,6 +255,8 @@ def public(name, backend):
             permuted, sizes, gate_up, down, backend=backend),
         'varlen_attention': lambda q, k, v, bounds, causal, scale, max_seqlen: kernels.varlen_attention(
             q, k, v, bounds, causal=causal, scale=scale, max_seqlen=max_seqlen, backend=backend),
+        'varlen_attention_lse': lambda q, k, v, bounds_q, bounds_k, causal, scale: kernels.varlen_attention_lse(
+            q, k, v, bounds_q, bounds_k, causal=causal, scale=scale, backend=backend),
     }
     return functions[name]
 

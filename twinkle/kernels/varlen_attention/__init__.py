@@ -6,11 +6,13 @@ those boundaries, or a packed batch would train differently from the same sample
 Backends: ``flash_attn`` (CUDA), ``npu`` (torch_npu fusion attention), ``sdpa`` (one batched,
 masked SDPA: exact anywhere) and ``reference`` (a loop over sequences, the oracle).
 ``register_hf_attention()`` makes it a Hugging Face attention implementation.
+``varlen_attention_lse`` is one block of a split attention (queries and keys of a sequence in
+different numbers, the log-sum-exp returned): what ring attention merges (``twinkle.parallel``).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,6 +32,8 @@ registry.register(
         '*': ['sdpa', 'reference'],
     },
 )
+registry.register('varlen_attention_lse', ['reference'], {'*': ['reference']},
+                  package='twinkle.kernels.varlen_attention')
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, *,
@@ -72,6 +76,42 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_l
         q, k, v, cu_seq_lens, bool(causal), float(scale), int(max_seqlen))
 
 
+def varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens_q: torch.Tensor,
+                         cu_seq_lens_k: torch.Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                         backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block attention for a merge: sequence i's queries ``q[cu_seq_lens_q[i]:cu_seq_lens_q[i+1]]``
+    (``q`` ``(total_q, heads, dim)``) attend its keys ``k[cu_seq_lens_k[i]:cu_seq_lens_k[i+1]]``
+    (``k``/``v`` ``(total_k, kv_heads, dim)``); ``causal``: query slot t sees key slots <= t.
+    Returns the output ``(total_q, heads, dim)`` and the log-sum-exp of the scaled scores
+    ``(total_q, heads)``, both fp32 (partials are merged before rounding); ``-inf`` / 0 for a
+    query with no key to see. Differentiable in q, k, v through both outputs."""
+    require_tensor('q', q, floating=True, dims=(3,))
+    require_tensor('k', k, floating=True, dims=(3,))
+    require_tensor('v', v, floating=True, dims=(3,))
+    require_tensor('cu_seq_lens_q', cu_seq_lens_q, dims=(1,))
+    require_tensor('cu_seq_lens_k', cu_seq_lens_k, dims=(1,))
+    require_same_device('q', q, k=k, v=v, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k)
+    if k.shape != v.shape:
+        raise ValueError(f'k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}')
+    require_size('k', k.shape[2], q.shape[2], 'head dim equal to that of q,')
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f'k: its {k.shape[1]} heads must divide the {q.shape[1]} heads of q')
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f'q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
+    for name, bounds in (('cu_seq_lens_q', cu_seq_lens_q), ('cu_seq_lens_k', cu_seq_lens_k)):
+        if bounds.dtype.is_floating_point or bounds.dtype == torch.bool or bounds.numel() == 0:
+            raise ValueError(f'{name} must be a non-empty integer tensor, got dtype {bounds.dtype}')
+    require_size('cu_seq_lens_k', cu_seq_lens_k.shape[0], cu_seq_lens_q.shape[0], 'as many boundaries as cu_seq_lens_q,')
+    if check_values():
+        require_boundaries('cu_seq_lens_q', cu_seq_lens_q, q.shape[0])
+        require_boundaries('cu_seq_lens_k', cu_seq_lens_k, k.shape[0])
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f'scale must be a positive finite number, got {scale!r}')
+    return registry.resolve('varlen_attention_lse', backend, q.device)(
+        q, k, v, cu_seq_lens_q, cu_seq_lens_k, bool(causal), float(scale))
+
+
 from .hf_attention import HF_ATTENTION_NAME, register_hf_attention  # noqa: E402  (uses the op above)
 
-__all__ = ['HF_ATTENTION_NAME', 'register_hf_attention', 'varlen_attention']
+__all__ = ['HF_ATTENTION_NAME', 'register_hf_attention', 'varlen_attention', 'varlen_attention_lse']

@@ -5,7 +5,12 @@ attention computed in fp32 (key/value heads repeated for grouped-query attention
 once to the input dtype. Registered as the op ``twinkle_ref::varlen_attention`` (autograd by
 recompute, see ``kernels/library.py``); the loop reads the boundaries on the host, so the fake
 kernel states the output shape instead.
+
+``varlen_attention_lse`` is the block of a split attention (ring attention's key blocks): queries
+and keys of a sequence may differ in number, and it returns the log-sum-exp with the fp32 output.
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -34,3 +39,38 @@ def _varlen_attention_fake(q, k, v, cu_seq_lens, causal, scale, max_seqlen):
 
 
 varlen_attention = reference_op('varlen_attention', _varlen_attention, fake=_varlen_attention_fake)
+
+
+def _varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens_q: torch.Tensor,
+                          cu_seq_lens_k: torch.Tensor, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sequence i's queries ``q[cu_q[i]:cu_q[i+1]]`` attend its keys ``k[cu_k[i]:cu_k[i+1]]``; causal:
+    query slot t sees key slots <= t (aligned at the sequence starts). Returns the fp32 output and
+    the fp32 log-sum-exp of each query's scaled scores (``-inf`` with no key to see), what a merge
+    of partial attentions over key blocks needs."""
+    groups = q.shape[1] // k.shape[1]
+    outs = [q.new_empty((0, *q.shape[1:]), dtype=torch.float32)]
+    lses = [q.new_empty((0, q.shape[1]), dtype=torch.float32)]
+    bounds_q, bounds_k = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+    for q_start, q_end, k_start, k_end in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+        if k_start == k_end:  # nothing to see: no output, log-sum-exp of no scores
+            outs.append(q.new_zeros((q_end - q_start, *q.shape[1:]), dtype=torch.float32))
+            lses.append(q.new_full((q_end - q_start, q.shape[1]), float('-inf'), dtype=torch.float32))
+            continue
+        q_seq = q[q_start:q_end].float().transpose(0, 1)                                # (heads, len_q, dim)
+        k_seq = k[k_start:k_end].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        v_seq = v[k_start:k_end].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        scores = scale * q_seq @ k_seq.transpose(1, 2)                                  # (heads, len_q, len_k)
+        if causal:
+            seen = torch.ones(scores.shape[1:], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~seen, float('-inf'))
+        seq_lse = scores.logsumexp(dim=-1)                                              # finite: key 0 is seen
+        outs.append(((scores - seq_lse[..., None]).exp() @ v_seq).transpose(0, 1))
+        lses.append(seq_lse.transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _varlen_attention_lse_fake(q, k, v, cu_seq_lens_q, cu_seq_lens_k, causal, scale):
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+varlen_attention_lse = reference_op('varlen_attention_lse', _varlen_attention_lse, fake=_varlen_attention_lse_fake)
