@@ -29,6 +29,28 @@ def require_integer(name: str, value: torch.Tensor) -> None:
         raise ValueError(f'{name} must be an integer tensor, got dtype {value.dtype}')
 
 
+def require_int(name: str, value, *, low: Optional[int] = None) -> None:
+    """A Python int (not a bool), at least ``low`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise ValueError(f'{name} must be an int{f" >= {low}" if low is not None else ""}, got {value!r}')
+
+
+def require_head_inputs(hidden: torch.Tensor, weight_name: str, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    """An LM head's loss inputs: hidden (..., H) floating, its weight (V, H) of hidden's dtype,
+    integer labels of hidden's shape without H, all on one device."""
+    require_tensor('hidden', hidden, floating=True, min_dims=1)
+    require_tensor(weight_name, weight, floating=True, dims=(2,))
+    require_size(weight_name, weight.shape[1], hidden.shape[-1], 'dim 1 (hidden size) equal to the last dim of hidden,')
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f'{weight_name} must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}')
+    require_tensor('labels', labels)
+    require_integer('labels', labels)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f'labels must have the shape of hidden without its last dim, '
+                         f'{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}')
+    require_same_device('hidden', hidden, **{weight_name: weight}, labels=labels)
+
+
 def require_same_device(reference_name: str, reference: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, tensor in others.items():
         if tensor is not None and tensor.device != reference.device:

@@ -9,9 +9,10 @@ import torch
 from twinkle.utils.labels import IGNORE_INDEX
 
 from .. import registry
-from ..checks import check_values, require_ids_in_range, require_same_device, require_size, require_tensor
-
-REDUCTIONS = ('mean', 'sum', 'none')
+from ..checks import (check_values, require_head_inputs, require_ids_in_range, require_int, require_same_device,
+                      require_size, require_tensor)
+from .chunked import REDUCTIONS
+from .vocab_parallel import vocab_parallel_fused_linear_cross_entropy
 
 registry.register('fused_linear_cross_entropy', ['reference', 'cpu', 'triton', 'liger', 'npu'])
 
@@ -30,23 +31,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     ignored tokens. The loss is fp32 whatever the input dtype. ``chunk_size`` (tokens per
     chunk) overrides the backend's memory-bounded choice.
     """
-    require_tensor('hidden', hidden, floating=True, min_dims=1)
-    require_tensor('weight', weight, floating=True, dims=(2,))
-    require_size('weight', weight.shape[1], hidden.shape[-1], 'dim 1 (hidden size) equal to the last dim of hidden,')
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f'weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}')
-    require_tensor('labels', labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f'labels must be an integer tensor, got dtype {labels.dtype}')
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f'labels must have the shape of hidden without its last dim, '
-                         f'{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}')
+    require_head_inputs(hidden, 'weight', weight, labels)
     if bias is not None:
         require_tensor('bias', bias, floating=True, dims=(1,))
         require_size('bias', bias.shape[0], weight.shape[0], 'length equal to the vocabulary size (dim 0 of weight),')
-    require_same_device('hidden', hidden, weight=weight, labels=labels, bias=bias)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f'ignore_index must be an int, got {ignore_index!r}')
+    require_same_device('hidden', hidden, bias=bias)
+    require_int('ignore_index', ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}')
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
@@ -54,9 +44,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0
                                           and math.isfinite(logit_softcap)):
         raise ValueError(f'logit_softcap must be None or a finite number > 0, got {logit_softcap}')
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f'chunk_size must be None or a positive int, got {chunk_size!r}')
+    if chunk_size is not None:
+        require_int('chunk_size', chunk_size, low=1)
     flat_labels = labels.reshape(-1).long()
     if check_values():  # checked once per batch where it is built (checks.check_batch)
         require_ids_in_range('labels', flat_labels, weight.shape[0], ignore=ignore_index)
@@ -66,4 +55,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return loss.view(labels.shape) if reduction == 'none' else loss
 
 
-__all__ = ['fused_linear_cross_entropy']
+__all__ = ['fused_linear_cross_entropy', 'vocab_parallel_fused_linear_cross_entropy']

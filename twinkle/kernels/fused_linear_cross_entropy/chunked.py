@@ -29,6 +29,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+REDUCTIONS = ('mean', 'sum', 'none')
 # step(logits fp32 rows x V, labels (rows,), want_grad, label_smoothing, softcap) -> fp32 loss per row;
 # with want_grad it leaves d(loss_row)/d(logits) in ``logits`` (unscaled: the host scales the small
 # rows x H operands of the gradient GEMMs instead of the rows x V buffer).
