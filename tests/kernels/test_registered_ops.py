@@ -141,7 +141,8 @@ def varlen_attention_args(case, dtype):
 
 def varlen_attention_lse_args(case, dtype):
     bounds_q, bounds_k = {'odd': ([0, 3, 3, 7], [0, 2, 4, 4]), 'empty': ([0], [0])}[case]  # no keys for sequence 2
-    return (randn(bounds_q[-1], 4, 8, dtype=dtype, grad=True), randn(bounds_k[-1], 2, 8, dtype=dtype, seed=1, grad=True),
+    return (randn(bounds_q[-1], 4, 8, dtype=dtype, grad=True),
+            randn(bounds_k[-1], 2, 8, dtype=dtype, seed=1, grad=True),
             randn(bounds_k[-1], 2, 8, dtype=dtype, seed=2, grad=True), on_device(bounds_q, torch.int32),
             on_device(bounds_k, torch.int32), False, 8 ** -0.5)
 

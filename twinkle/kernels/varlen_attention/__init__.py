@@ -101,7 +101,8 @@ def varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     for name, bounds in (('cu_seq_lens_q', cu_seq_lens_q), ('cu_seq_lens_k', cu_seq_lens_k)):
         if bounds.dtype.is_floating_point or bounds.dtype == torch.bool or bounds.numel() == 0:
             raise ValueError(f'{name} must be a non-empty integer tensor, got dtype {bounds.dtype}')
-    require_size('cu_seq_lens_k', cu_seq_lens_k.shape[0], cu_seq_lens_q.shape[0], 'as many boundaries as cu_seq_lens_q,')
+    require_size('cu_seq_lens_k', cu_seq_lens_k.shape[0], cu_seq_lens_q.shape[0],
+                 'as many boundaries as cu_seq_lens_q,')
     if check_values():
         require_boundaries('cu_seq_lens_q', cu_seq_lens_q, q.shape[0])
         require_boundaries('cu_seq_lens_k', cu_seq_lens_k, k.shape[0])
