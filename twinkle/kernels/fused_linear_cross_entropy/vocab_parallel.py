@@ -30,6 +30,13 @@ from .chunked import REDUCTIONS, _saved_gradients, _scaled, chunked_passes
 # unsharded op; 2048 rows keep the GEMMs at full speed, the budget bounds the fp32 chunk logits.
 MAX_ROWS = 2048
 CHUNK_BUDGET_BYTES = 512 << 20
+# the columns of _agreed_vocabulary's table after vocab_start: the argument at fault, what must agree
+_AGREED = (('weight_shard', 'as many vocab rows (pad the vocabulary as Megatron does, and pass vocab_size)'),
+           ('hidden', 'the same tokens (gather sequence-parallel hidden first): their count'),
+           ('hidden', 'the same hidden size'), ('vocab_size', 'the same vocab_size (0: None)'),
+           ('ignore_index', 'the same ignore_index'), ('reduction', 'the same reduction'),
+           ('chunk_size', 'the same chunk_size (0: None)'),
+           ('labels', 'the same labels (their fingerprint, with TWINKLE_CHECK_VALUES=1)'))
 _FORWARD, _BACKWARD = ('vocab_parallel_fused_linear_cross_entropy forward',
                        'vocab_parallel_fused_linear_cross_entropy backward')
 
@@ -45,7 +52,8 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
     first); weight_shard (V_r, H): vocab rows ``[vocab_start, vocab_start + V_r)``, the same V_r
     on every rank, the shards tiling the (padded) vocabulary; labels (...) global ids.
     ``vocab_size``: the true vocabulary when the shards are padded past it (Megatron pads to a
-    multiple of tp): rows >= vocab_size get no probability. Returns the fp32 loss, the same on
+    multiple of tp): rows >= vocab_size get no probability. ``group``: the tensor-parallel process
+    group (None: the default group). Returns the fp32 loss, the same on
     every rank; 'mean' divides by the non-ignored tokens (0 when none), 'none' is labels' shape.
 
     Gradients: weight_shard's is this rank's shard. hidden's is a partial sum over the ranks;
@@ -58,9 +66,6 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
     dispatches itself (PyTorch matmuls, the torch chunk step). Collectives run under the project's
     named timeout (``twinkle.parallel.collective``).
     """
-    # here, not at the top: twinkle.parallel imports the kernels
-    from twinkle.parallel.collectives import collective
-
     require_head_inputs(hidden, 'weight_shard', weight_shard, labels)
     if weight_shard.shape[0] < 1:
         raise ValueError('weight_shard must hold at least one vocab row, got shape (0, ...)')
@@ -81,14 +86,15 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
     width = weight_shard.shape[0]
-    with collective(_FORWARD):
+    with _collective(_FORWARD):
         total = _agreed_vocabulary(group, flat_hidden, flat_labels, vocab_start, width, vocab_size, ignore_index,
                                    reduction, chunk_size)
         if check_values():
             require_ids_in_range('labels', flat_labels, vocab_size or total, ignore=ignore_index)
         real_width = width if vocab_size is None else min(max(vocab_size - vocab_start, 0), width)
         loss = _VocabParallelLoss.apply(flat_hidden, weight_shard, flat_labels, group, vocab_start, real_width,
-                                        ignore_index, reduction, chunk_size, reduce_grad_hidden)
+                                        ignore_index, reduction, chunk_size, reduce_grad_hidden,
+                                        torch.is_grad_enabled())
     return loss.view(labels.shape) if reduction == 'none' else loss
 
 
@@ -106,17 +112,13 @@ def _agreed_vocabulary(group, hidden: torch.Tensor, labels: torch.Tensor, vocab_
     row = torch.tensor(mine, dtype=torch.int64, device=hidden.device)
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, row, group=group)
-    table: List[List[int]] = [r.tolist() for r in rows]
-    names = ('vocab_start', 'weight_shard rows', 'hidden tokens', 'hidden size', 'vocab_size', 'ignore_index',
-             'reduction', 'chunk_size', 'labels fingerprint')
-    for column, name in enumerate(names[1:], start=1):
+    table: List[List[int]] = torch.stack(rows).tolist()  # one host read per call
+    for column, (argument, what) in enumerate(_AGREED, start=1):
         values = [r[column] for r in table]
         if len(set(values)) > 1:
-            argument = {'weight_shard rows': 'weight_shard', 'hidden tokens': 'hidden', 'hidden size': 'hidden',
-                        'labels fingerprint': 'labels'}.get(name, name)
-            raise ValueError(f'{argument}: every rank of the group must pass the same {name} '
-                             f'(hidden and labels: the same tokens; weight_shard: equal shards, padded as '
-                             f'Megatron pads the vocabulary), got {values} by group rank')
+            if argument == 'reduction':
+                values = [REDUCTIONS[value] for value in values]
+            raise ValueError(f'{argument}: every rank of the group must pass {what}, got {values} by group rank')
     starts = sorted(r[0] for r in table)
     if starts != [width * index for index in range(len(table))]:
         raise ValueError(f'vocab_start: the shards of {width} rows must tile [0, {width * len(table)}) '
@@ -133,9 +135,10 @@ class _VocabParallelLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, group, vocab_start, real_width, ignore_index, reduction, chunk_size,
-                reduce_grad_hidden):
+                reduce_grad_hidden, grad_enabled):
         passes = chunked_passes(_step(group, vocab_start, real_width), MAX_ROWS, CHUNK_BUDGET_BYTES)
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False)
+        # needs_input_grad says True under no_grad too: the caller's grad mode decides
+        wanted = (grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1], False)
         loss, (d_hidden, d_weight, _) = passes.forward(hidden, weight, labels, None, ignore_index, reduction,
                                                        0.0, None, chunk_size, wanted)
         ctx.group, ctx.reduce_grad_hidden, ctx.wanted = group, reduce_grad_hidden, wanted[:2]
@@ -150,8 +153,7 @@ class _VocabParallelLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from twinkle.parallel.collectives import collective
-        with collective(_BACKWARD):
+        with _collective(_BACKWARD):
             if ctx.unreduced:
                 hidden, weight, labels = ctx.saved_tensors
                 ignore_index, chunk_size = ctx.options
@@ -163,7 +165,13 @@ class _VocabParallelLoss(torch.autograd.Function):
                                       for grad in _saved_gradients(ctx))
             if d_hidden is not None and ctx.reduce_grad_hidden and d_hidden.numel():
                 dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
-        return d_hidden, None if d_weight is None else d_weight.to(ctx.weight_dtype), *(None,) * 8
+        return d_hidden, None if d_weight is None else d_weight.to(ctx.weight_dtype), *(None,) * 9
+
+
+def _collective(operation: str):
+    """``twinkle.parallel.collective``, imported here: twinkle.parallel imports the kernels."""
+    from twinkle.parallel.collectives import collective
+    return collective(operation)
 
 
 def _step(group, vocab_start: int, real_width: int):
