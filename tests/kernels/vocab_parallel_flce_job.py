@@ -26,10 +26,10 @@ from torch.utils._pytree import tree_leaves
 import twinkle
 from twinkle import DeviceMesh
 from twinkle.kernels.fused_linear_cross_entropy import vocab_parallel as vp
+from twinkle.kernels.fused_linear_cross_entropy.chunked import REDUCTIONS
 from twinkle.kernels.fused_linear_cross_entropy import vocab_parallel_fused_linear_cross_entropy
 
 HIDDEN = 33  # odd, like the token counts
-REDUCTIONS = ('mean', 'sum', 'none')
 MEMORY = dict(tokens=64, hidden_size=8, vocab=96, chunk=16)  # every other tensor is smaller than chunk x V_r
 
 
@@ -180,7 +180,9 @@ def job_two_ranks(group) -> dict:
     results = {f'{reduction}-chunk{chunk}': compare(tokens, group, reduction=reduction, chunk_size=chunk)
                for reduction in REDUCTIONS for chunk in (None, 4)}
     results['batched-none'] = compare(make_case((2, 7), 50), group, reduction='none', chunk_size=3)
-    results['ignore-index-0'] = compare(make_case((13,), 50, ignored=0.0, seed=1), group, ignore_index=0)
+    hidden, weight, labels = make_case((13,), 50, ignored=0.0, seed=1)
+    labels[:4] = 0  # id 0 of rank 0's shard, ignored
+    results['ignore-index-0'] = compare((hidden, weight, labels), group, ignore_index=0)
     for reduction in REDUCTIONS:
         results[f'all-ignored-{reduction}'] = compare(make_case((4,), 50, ignored=1.0), group, reduction=reduction)
         results[f'empty-{reduction}'] = compare(make_case((0,), 50), group, reduction=reduction)

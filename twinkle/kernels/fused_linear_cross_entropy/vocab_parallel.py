@@ -64,7 +64,8 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
 
     Not a registry backend: an autograd Function whose collectives sit between its GEMMs, which it
     dispatches itself (PyTorch matmuls, the torch chunk step). Collectives run under the project's
-    named timeout (``twinkle.parallel.collective``).
+    named timeout (``twinkle.parallel.collective``). It reads the host (the group's agreed shapes,
+    the count of counted tokens), so torch.compile breaks the graph around it.
     """
     require_head_inputs(hidden, 'weight_shard', weight_shard, labels)
     if weight_shard.shape[0] < 1:
