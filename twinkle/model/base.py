@@ -226,6 +226,10 @@ class TwinkleModel(abc.ABC):
     def load(self, name: str, output_dir: Optional[str] = None, adapter_name: Optional[str] = None,
              load_optimizer: bool = False) -> None: ...
 
+    def resume_from_checkpoint(self, checkpoint_dir: str, adapter_name: Optional[str] = None) -> None:
+        """Weights, optimizer, scheduler, scaler, step count and RNG state, for an exact continuation."""
+        self.load(checkpoint_dir, adapter_name=adapter_name, load_optimizer=True)
+
     # -- shared internals -----------------------------------------------------------------------
     def _state(self, adapter_name: Optional[str]) -> TrainState:
         name = self._active if adapter_name is None else adapter_name
@@ -303,8 +307,12 @@ def _split(inputs, micro_batch_size: Optional[int]):
     """``inputs`` as a list of inputs: lists of at most ``micro_batch_size`` samples, or whole when None."""
     if micro_batch_size is None:
         return [inputs]
-    if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
-        raise ValueError(f'micro_batch_size must be a positive int, got {micro_batch_size!r}')
+    check_positive_int('micro_batch_size', micro_batch_size)
     if not isinstance(inputs, list):
         raise ValueError('micro_batch_size needs inputs as a list of samples (a collated batch is one micro-batch)')
     return [inputs[start:start + micro_batch_size] for start in range(0, len(inputs), micro_batch_size)]
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')

@@ -1,10 +1,14 @@
 """MegatronModel and TransformersModel trained on the same data: 5 steps of the seeds' loop.
 
-    python -m tests.model.megatron.train_job OUT MODEL SIZES              (one process: both adapters)
-    torchrun --nproc_per_node=N -m tests.model.megatron.train_job OUT MODEL SIZES   (MegatronModel only)
+    python -m tests.model.megatron.train_job OUT MODEL SIZES MODE              (one process: both adapters)
+    torchrun --nproc_per_node=N -m tests.model.megatron.train_job OUT MODEL SIZES MODE   (MegatronModel only)
 
-SIZES is like ``tp=2,dp=1``. Each rank saves OUT/rank<r>.pt: losses, grad norms, trained tokens,
-parameters held, and (rank 0) the logits of a probe batch after training.
+SIZES is like ``tp=2,dp=1``; MODE is 'full' or 'lora' (LoRA r=4 on every projection LoRA takes on
+MegatronModel), with '+resume' for a resumed twin: saved with its optimizer after step RESUME_AT,
+rebuilt, resumed, trained again to the end. Each rank saves OUT/rank<r>.pt: losses, grad norms,
+parameters held, (rank 0) the logits of a probe batch after training; the adapter or full model is
+saved to OUT/saved. In one process, TransformersModel trains from the same start (for LoRA it
+loads MegatronModel's initial adapter, OUT/init).
 """
 import sys
 from pathlib import Path
@@ -17,7 +21,8 @@ from twinkle import DeviceMesh, assets
 from twinkle.model import TransformersModel
 from twinkle.model.megatron import MegatronModel
 
-STEPS, BATCH, SEQ, LR = 5, 4, 12, 1e-3
+STEPS, BATCH, SEQ, RESUME_AT = 5, 4, 12, 3
+LR = {'full': 1e-3, 'lora': 1e-2}
 
 
 def batches(vocab: int, data_rank: int, data_ranks: int):
@@ -36,14 +41,28 @@ def batches(vocab: int, data_rank: int, data_ranks: int):
     return steps
 
 
-def train(model, steps, micro_batch_size=None):
-    model.set_optimizer('default', lr=LR)
-    model.set_lr_scheduler('default', lr_decay_steps=STEPS, max_lr=LR)
+def lora_config(name: str):
+    from peft import LoraConfig
+    targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj']
+    if not name.endswith('moe'):  # (an MoE model's experts take no LoRA on MegatronModel)
+        targets += ['gate_proj', 'up_proj', 'down_proj']
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+
+
+def set_up(model, kind: str):
+    model.set_optimizer('default', lr=LR[kind])
+    model.set_lr_scheduler('default', lr_decay_steps=STEPS, max_lr=LR[kind])
+
+
+def train(model, steps, micro_batch_size=None, checkpoint=None):
+    """The seeds' loop over ``steps``; ``checkpoint`` (a path) is saved with the optimizer after RESUME_AT steps."""
     losses, norms = [], []
-    for rows in steps:
+    for step, rows in enumerate(steps, start=1):
         model.forward_backward(inputs=rows, micro_batch_size=micro_batch_size)
         norms.append(model.clip_grad_and_step(max_grad_norm=1.0))
         losses.append(model.calculate_metric(is_training=True)['loss'])
+        if checkpoint and step == RESUME_AT:
+            model.save(checkpoint, save_optimizer=True)
     return {'loss': losses, 'grad_norm': norms}
 
 
@@ -52,8 +71,18 @@ def probe(model, vocab):
     return model.forward_only(inputs={'input_ids': ids, 'position_ids': torch.arange(SEQ).expand(2, SEQ)}).logits
 
 
-def main(out: str, name: str, sizes: str) -> None:
+def megatron(path, name, mesh, kind, out_dir):
+    model = MegatronModel(model_id=path, device_mesh=mesh)
+    if kind == 'lora':
+        model.add_adapter_to_model('default', lora_config(name))
+        model.save('init', output_dir=str(out_dir))
+    set_up(model, kind)
+    return model
+
+
+def main(out: str, name: str, sizes: str, mode: str) -> None:
     out_dir = Path(out)
+    kind, resume = mode.split('+')[0], mode.endswith('+resume')
     parsed = {key: int(value) for key, value in (item.split('=') for item in sizes.split(',') if item)}
     mesh = DeviceMesh.from_sizes(**{f'{key}_size': value for key, value in parsed.items()})
     path = assets.tiny_model_path(name)
@@ -61,9 +90,11 @@ def main(out: str, name: str, sizes: str) -> None:
     if distributed:
         twinkle.initialize(global_device_mesh=mesh, seed=0, timeout=120)
     torch.manual_seed(0)
-    model = MegatronModel(model_id=path, device_mesh=mesh)
+    model = megatron(path, name, mesh, kind, out_dir)
     vocab = model.hf_config.vocab_size
-    result = {'megatron': train(model, batches(vocab, mesh.data_rank, mesh.data_world_size), micro_batch_size=1),
+    steps = batches(vocab, mesh.data_rank, mesh.data_world_size)
+    checkpoint = str(out_dir / 'resume') if resume else None
+    result = {'megatron': train(model, steps, micro_batch_size=1, checkpoint=checkpoint),
               'parameters': sum(p.numel() for p in model.model.parameters())}
     if mesh.size('pp') == 1:  # forward_only through the pipeline is not built yet
         logits = probe(model, vocab)
@@ -71,8 +102,17 @@ def main(out: str, name: str, sizes: str) -> None:
             result['logits'] = logits
     model.save('saved', output_dir=str(out_dir))
     model.close()
+    if resume:
+        resumed = megatron(path, name, mesh, kind, out_dir)
+        resumed.load(checkpoint, load_optimizer=True)
+        result['resumed'] = train(resumed, steps[RESUME_AT:], micro_batch_size=1)
+        resumed.close()
     if not distributed:
         hf = TransformersModel(model_id=path, mixed_precision='fp32')
+        if kind == 'lora':
+            hf.add_adapter_to_model('default', lora_config(name))
+            hf.load('init', output_dir=str(out_dir))
+        set_up(hf, kind)
         result['transformers'] = train(hf, batches(vocab, 0, 1))
         result['transformers_parameters'] = sum(p.numel() for p in hf.model.parameters())
         result['transformers_logits'] = probe(hf, vocab)

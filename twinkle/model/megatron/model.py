@@ -20,8 +20,9 @@ import torch.distributed as dist
 
 from twinkle import backends, hub
 from twinkle.loss import Loss
-from twinkle.model.base import TwinkleModel
+from twinkle.model.base import FULL_MODEL, TwinkleModel, check_positive_int
 from twinkle.model.precision import choose_precision
+from twinkle.model.train_state import TrainState
 from twinkle.model.transformers.batches import to_batches
 from twinkle.parallel.mesh import DeviceMesh
 from twinkle.loss.base import count_tokens
@@ -29,7 +30,7 @@ from twinkle.parallel import collective, global_mesh
 from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
 from twinkle.utils.logger import get_logger
 
-from . import bridge, bridge_keys, require_megatron
+from . import bridge, bridge_keys, checkpoint, lora, require_megatron
 from .parallel_state import check_megatron_mesh, destroy_megatron_groups, initialize_megatron_groups
 
 logger = get_logger(__name__)
@@ -72,8 +73,8 @@ class MegatronModel(TwinkleModel):
         from transformers import AutoConfig
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.sizes = {name: self.device_mesh.size(name) for name in ('tp', 'pp', 'ep')}
-        bridge.check_parallel_sizes(bridge.architecture(self.hf_config), tp=self.sizes['tp'], pp=self.sizes['pp'],
-                                    ep=self.sizes['ep'])
+        self.arch = bridge.architecture(self.hf_config)
+        bridge.check_parallel_sizes(self.arch, tp=self.sizes['tp'], pp=self.sizes['pp'], ep=self.sizes['ep'])
         self.precision = choose_precision(self.device, mixed_precision)
         if self.precision.name != 'fp32':
             raise NotImplementedError(f'mixed_precision={mixed_precision!r} resolves to {self.precision.name}: '
@@ -82,14 +83,39 @@ class MegatronModel(TwinkleModel):
         _ensure_process_group(self.device_mesh)
         initialize_megatron_groups(self.device_mesh, timeout=GROUP_TIMEOUT, seed=seed)
         self.device_mesh.data_group()  # created now, by every rank, not inside a training step
+        self.layout = {**self.sizes, 'dp': self.device_mesh.data_world_size}
+        self.lora_layers: List[lora.LoraParallelLinear] = []
+        self.lora_configs: Dict[str, Any] = {}
+        self.lora_settings: Dict[str, lora.LoraSettings] = {}
+        self._adapter_parameters: Dict[str, List[torch.nn.Parameter]] = {}
+        self.seed = seed
         self.model = self._build()
         self.model.config.calculate_per_token_loss = True  # the pipeline schedule leaves our sums unscaled
         self._init_train_states()
 
     # -- set-up ---------------------------------------------------------------------------------
     def add_adapter_to_model(self, adapter_name: str, config, gradient_accumulation_steps: int = 1) -> None:
-        raise NotImplementedError('LoRA on MegatronModel is not built yet: train the full model, or use '
-                                  'TransformersModel for adapters')
+        """A LoRA (peft ``LoraConfig``: r, lora_alpha, lora_dropout, use_rslora, target_modules) on
+        the attention and dense MLP projections, sharded like their weights; the base is frozen and
+        the adapter becomes the active one."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f'adapter_name must be a non-empty str, got {adapter_name!r}')
+        if adapter_name in self._states:
+            raise ValueError(f'adapter {adapter_name!r} already exists')
+        if FULL_MODEL in self._states:
+            raise RuntimeError('add adapters before training the full model (before set_optimizer without one)')
+        check_positive_int('gradient_accumulation_steps', gradient_accumulation_steps)
+        settings = lora.lora_settings(config, moe=self.arch.num_experts > 0)
+        if not self.lora_layers:
+            self._wrap_linears()
+        parameters = [p for layer in self.lora_layers for p in layer.add(adapter_name, settings, self.seed)]
+        self.lora_configs[adapter_name], self.lora_settings[adapter_name] = config, settings
+        self._adapter_parameters[adapter_name] = parameters
+        self._states[adapter_name] = TrainState(adapter_name, parameters, gradient_accumulation_steps)
+        self._active = adapter_name
+        self._select_adapter(adapter_name)
+        logger.info('adapter %r added: LoRA r=%d on %s, %d trainable parameters on this rank', adapter_name,
+                    settings.rank, ', '.join(settings.targets), sum(p.numel() for p in parameters))
 
     def get_train_configs(self, adapter_name: Optional[str] = None) -> Dict[str, Any]:
         state = self._state(adapter_name)
@@ -104,41 +130,25 @@ class MegatronModel(TwinkleModel):
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, name: str, output_dir: Optional[str] = None, save_optimizer: bool = False,
              adapter_name: Optional[str] = None) -> str:
-        """Hugging Face safetensors + config of the whole model, written by rank 0 from every
-        rank's slice (gathered over tp, ep and the pipeline stages)."""
-        if save_optimizer:
-            raise NotImplementedError('save(save_optimizer=True) for MegatronModel is not built yet')
-        from megatron.core import parallel_state
+        """The full model as Hugging Face safetensors, or the adapter as a peft checkpoint, gathered
+        from every rank's slice; ``save_optimizer`` adds each rank's resume state. Collective."""
+        state = self._state(adapter_name)
         path = os.path.join(output_dir, name) if output_dir else name
-        mine = {key: value.detach().cpu() for key, value in self.model.state_dict().items()
-                if not key.endswith('_extra_state')}
-        where = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
-                 parallel_state.get_expert_model_parallel_rank())
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (where, mine))
-        if dist.get_rank() == 0:
-            from safetensors.torch import save_file
-            hf_state = {}
-            for stage in range(self.sizes['pp']):
-                shards = {(tp_rank, ep_rank): state for (pp_rank, tp_rank, ep_rank), state in gathered
-                          if pp_rank == stage}
-                hf_state.update(bridge_keys.mcore_to_hf(shards, self.hf_config, tp_size=self.sizes['tp'],
-                                                        ep_size=self.sizes['ep'], pp_rank=stage,
-                                                        pp_size=self.sizes['pp']))
-            os.makedirs(path, exist_ok=True)
-            save_file(hf_state, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
-            self.hf_config.save_pretrained(path)
-            logger.info('saved the full model (Hugging Face safetensors) to %s', path)
-        dist.barrier()
+        checkpoint.save(self, path, state.name, trainer_state=state.trainer_state() if save_optimizer else None)
         return path
 
     def load(self, name: str, output_dir: Optional[str] = None, adapter_name: Optional[str] = None,
              load_optimizer: bool = False) -> None:
-        """Weights of an HF directory (what ``save`` writes) into this rank's slice."""
-        if load_optimizer:
-            raise NotImplementedError('load(load_optimizer=True) for MegatronModel is not built yet')
+        """Weights of ``save``'s checkpoint (an HF directory, or a peft adapter for an adapter) into
+        this rank's slices; ``load_optimizer`` resumes the optimizer, schedule and RNG too (same layout)."""
+        state = self._state(adapter_name)
         path = os.path.join(output_dir, name) if output_dir else name
-        self.model.load_state_dict(self._rank_state(hub.model_dir(path)), strict=False)
+        if load_optimizer:
+            state.load_trainer_state(checkpoint.load_resume_state(self, path, state.name))
+        elif state.name:
+            checkpoint.load_adapter(self, path, state.name)
+        else:
+            checkpoint.load_base_state(self.model, self._rank_state(hub.model_dir(path)))
 
     def close(self) -> None:
         """Forget megatron-core's process groups (another MegatronModel may then be built)."""
@@ -146,7 +156,13 @@ class MegatronModel(TwinkleModel):
 
     # -- the hooks of TwinkleModel --------------------------------------------------------------
     def _trainable_parameters(self, adapter_name: str) -> List[torch.nn.Parameter]:
+        if adapter_name:
+            return self._adapter_parameters[adapter_name]
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _select_adapter(self, name: str) -> None:
+        for layer in self.lora_layers:
+            layer.active = name
 
     def _batches(self, inputs) -> Iterable[Dict[str, Any]]:
         batches = to_batches(inputs, self.processor, self.template, self.device.local_device(),
@@ -271,12 +287,19 @@ class MegatronModel(TwinkleModel):
                                            device_type=self.device.torch_device_type)
         from megatron.core import parallel_state
         model = bridge.gpt_model(self.hf_config, config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
-        missing, unexpected = model.load_state_dict(self._rank_state(self.model_dir), strict=False)
-        missing = [key for key in missing if not key.endswith('_extra_state')]
-        if missing or unexpected:
-            raise RuntimeError(f'the converted weights do not fit the Megatron model: missing {missing[:5]}, '
-                               f'unexpected {unexpected[:5]}')
+        checkpoint.load_base_state(model, self._rank_state(self.model_dir))
         return model.to(self.device.local_device())
+
+    def _wrap_linears(self) -> None:
+        """LoRA wrappers around this stage's projections, the base frozen (once, at the first adapter)."""
+        from megatron.core import parallel_state
+        self.model.requires_grad_(False)
+        offset = bridge.stage_layers(self.arch.num_layers, pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                                     pp_size=self.sizes['pp']).start
+        self.lora_layers = lora.wrap_linears(
+            self.model, num_heads=self.arch.num_heads, num_kv_heads=self.arch.num_kv_heads,
+            head_dim=self.arch.head_dim, layer_offset=offset, tp_size=self.sizes['tp'],
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(), sequence_parallel=self.sizes['tp'] > 1)
 
     def _rank_state(self, model_dir: str) -> Dict[str, torch.Tensor]:
         from megatron.core import parallel_state

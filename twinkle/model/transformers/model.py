@@ -18,7 +18,7 @@ from torch import nn
 from twinkle import backends, hub
 from twinkle.kernels import kernelize, report
 from twinkle.loss import Loss
-from twinkle.model.base import TwinkleModel
+from twinkle.model.base import TwinkleModel, check_positive_int
 from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
 from twinkle.parallel import (apply_expert_parallel, checkpoint_directory, clip_grad_norm_, global_mesh, load_sharded,
@@ -94,7 +94,7 @@ class TransformersModel(TwinkleModel):
             raise RuntimeError('add adapters before the model is sharded (before set_optimizer or the first forward)')
         if adapter_name in self._states:
             raise ValueError(f'adapter {adapter_name!r} already exists')
-        _check_positive('gradient_accumulation_steps', gradient_accumulation_steps)
+        check_positive_int('gradient_accumulation_steps', gradient_accumulation_steps)
         if isinstance(self.model, peft.PeftModel):
             self.model.add_adapter(adapter_name, config)
         else:
@@ -188,10 +188,6 @@ class TransformersModel(TwinkleModel):
                              f'it in one process, or start from its weights (load() without load_optimizer)')
         raise ValueError(f'{path} holds no resume state (saved without save_optimizer=True)')
 
-    def resume_from_checkpoint(self, checkpoint_dir: str, adapter_name: Optional[str] = None) -> None:
-        """Weights, optimizer, scheduler, scaler, step count and RNG state, for an exact continuation."""
-        self.load(checkpoint_dir, adapter_name=adapter_name, load_optimizer=True)
-
     # -- internals ------------------------------------------------------------------------------
     def _load(self, model_id, model_cls, config, attention, kwargs) -> nn.Module:
         import transformers
@@ -275,8 +271,3 @@ class TransformersModel(TwinkleModel):
     def _base_model(self) -> nn.Module:
         get_base = getattr(self.model, 'get_base_model', None)
         return get_base() if get_base is not None else self.model
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
