@@ -2,7 +2,8 @@
 loss and gradients (hidden, each rank's weight shard) equal ``F.cross_entropy(hidden @ W_full.T)``
 forward and backward, on 2 ranks, on a group of one rank, and on 3 ranks whose padded vocabulary
 does not divide (``vocab_size`` masks the padding rows); no tensor of any rank reaches N x V_r,
-let alone N x V; inputs the ranks disagree on raise the same ValueError on every rank.
+let alone N x V; inputs the ranks disagree on raise the same ValueError on every rank, and a
+rank that never calls is named in its peer's CollectiveTimeout.
 
 Tolerances, relative to the reference's scale (max|got - want| <= tol * max|want|): fp32 1e-5
 (measured <= 7e-7); bf16 2e-2 (measured <= 7e-3: the op multiplies in bf16, so its logits are
@@ -144,6 +145,13 @@ def test_ranks_that_disagree_all_raise_naming_the_argument(two_ranks):
         assert found[key] is not None and start in found[key], (key, found[key])
     assert "['mean', 'sum']" in found['reduction']
     assert found['other_labels_unchecked'] is None  # the labels' fingerprint is a value check
+
+
+def test_a_peer_that_never_calls_is_named(two_ranks):
+    """Rank 1 skips the call: rank 0 gets a CollectiveTimeout naming the op and rank 1."""
+    error = two_ranks[0]['stall']
+    assert "'vocab_parallel_fused_linear_cross_entropy forward'" in error, error
+    assert 'rank 1 last entered' in error, error
 
 
 def _inputs(**changes):

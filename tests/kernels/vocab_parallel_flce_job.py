@@ -7,11 +7,12 @@ Every rank builds the same full LM head and tokens, takes its vocab shard, and s
 those of ``F.cross_entropy(hidden @ W_full.T)`` (the rows of W's gradient this rank holds); the
 largest tensor any op produced during a call (a TorchDispatchMode sees every allocation); and
 the errors of inputs the ranks disagree on. 2 ranks: the tokens, dtypes and reductions, a
-one-rank group, memory, errors. 3 ranks: a vocabulary that does not divide, padded as Megatron
+one-rank group, memory, errors, a peer that never comes. 3 ranks: a vocabulary that does not divide, padded as Megatron
 pads it (``vocab_size`` masks the padding rows), down to a shard of padding only.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import twinkle
 from twinkle import DeviceMesh
 from twinkle.kernels.fused_linear_cross_entropy import vocab_parallel as vp
 from twinkle.kernels.fused_linear_cross_entropy.chunked import REDUCTIONS
+from twinkle.parallel import CollectiveTimeout
 from twinkle.kernels.fused_linear_cross_entropy import vocab_parallel_fused_linear_cross_entropy
 
 HIDDEN = 33  # odd, like the token counts
@@ -60,8 +62,8 @@ def shard(weight: torch.Tensor, group) -> tuple:
 def run_op(case, group, vocab_size=None, wants=(True, True), **options) -> Dict[str, Optional[torch.Tensor]]:
     hidden, weight, labels = case
     weight_shard, start = shard(weight, group)
-    hidden = hidden.clone().requires_grad_(wants[0])
-    weight_shard = weight_shard.clone().requires_grad_(wants[1])
+    hidden = hidden.detach().clone().requires_grad_(wants[0])
+    weight_shard = weight_shard.detach().clone().requires_grad_(wants[1])
     loss = vocab_parallel_fused_linear_cross_entropy(hidden, weight_shard, labels, group=group, vocab_start=start,
                                                      vocab_size=vocab_size, **options)
     (loss * _upstream(loss)).sum().backward()
@@ -121,8 +123,8 @@ def memory(group) -> dict:
     weight_shard, start = shard(case[1], group)
     with torch.no_grad():
         result['no_grad'] = largest_tensor(lambda: vocab_parallel_fused_linear_cross_entropy(
-            case[0].requires_grad_(), weight_shard.requires_grad_(), case[2], group=group, vocab_start=start,
-            chunk_size=MEMORY['chunk']))
+            case[0].clone().requires_grad_(), weight_shard.clone().requires_grad_(), case[2], group=group,
+            vocab_start=start, chunk_size=MEMORY['chunk']))
     width = MEMORY['vocab'] // dist.get_world_size(group)
     budget = vp.CHUNK_BUDGET_BYTES
     vp.CHUNK_BUDGET_BYTES = MEMORY['chunk'] * width * 4  # fp32 logits of 16 rows
@@ -175,6 +177,20 @@ def disagreements(group) -> dict:
     return found
 
 
+def stalled_peer() -> Optional[str]:
+    """Rank 1 never calls the op: rank 0's first collective in it must fail within the group's
+    3 s timeout, naming the operation and rank 1 (this group is broken afterwards: the job's last use)."""
+    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=3))
+    if dist.get_rank() == 1:
+        return None
+    hidden, weight, labels = make_case((6,), 8)
+    try:
+        vocab_parallel_fused_linear_cross_entropy(hidden, weight[:4], labels, group=short, vocab_start=0)
+    except CollectiveTimeout as error:
+        return str(error)
+    return 'no error'
+
+
 def job_two_ranks(group) -> dict:
     tokens = make_case((13,), 50)  # V_r = 25
     results = {f'{reduction}-chunk{chunk}': compare(tokens, group, reduction=reduction, chunk_size=chunk)
@@ -196,7 +212,7 @@ def job_two_ranks(group) -> dict:
     alone = singletons[dist.get_rank()]
     for reduction in REDUCTIONS:
         results[f'one-rank-{reduction}'] = compare(tokens, alone, reduction=reduction, chunk_size=5)
-    return {'cases': results, 'memory': memory(group), 'errors': disagreements(group)}
+    return {'cases': results, 'memory': memory(group), 'errors': disagreements(group), 'stall': stalled_peer()}
 
 
 def job_three_ranks(group) -> dict:
