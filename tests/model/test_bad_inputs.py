@@ -91,8 +91,7 @@ def test_step_before_forward_backward_is_refused(tiny_config):
     assert model._state(None).optimizer_steps == 0
 
 
-@pytest.mark.parametrize('dim, advice', [('tp', 'MegatronModel'), ('pp', 'MegatronModel'),
-                                         ('cp', 'context parallelism'), ('ulysses', 'Ulysses')])
+@pytest.mark.parametrize('dim, advice', [('tp', 'MegatronModel'), ('pp', 'MegatronModel')])
 def test_a_parallel_size_transformers_model_does_not_apply_is_refused(tiny_config, dim, advice):
     """Before: tp_size=2 on 2 ranks trained with the whole model on every rank, without a word."""
     mesh = DeviceMesh.from_sizes(**{f'{dim}_size': 2})
@@ -100,7 +99,7 @@ def test_a_parallel_size_transformers_model_does_not_apply_is_refused(tiny_confi
         TransformersModel(config=tiny_config, device_mesh=mesh)
 
 
-@pytest.mark.parametrize('dim', ['dp', 'fsdp', 'ep'])
+@pytest.mark.parametrize('dim', ['dp', 'fsdp', 'ep', 'cp', 'ulysses'])
 def test_the_dims_it_applies_pass_the_check(dim):
     mesh = DeviceMesh.from_sizes(**{f'{dim}_size': 2})
     mesh.refuse_unapplied(APPLIED_DIMS, 'TransformersModel', UNAPPLIED_ADVICE)

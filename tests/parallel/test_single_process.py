@@ -62,8 +62,7 @@ def test_collective_passes_errors_through_without_a_process_group():
             raise KeyError('not a communication failure')
 
 
-@pytest.mark.parametrize('sizes, named', [({'tp_size': 2}, 'tp_size=2'), ({'pp_size': 2}, 'pp_size=2'),
-                                          ({'cp_size': 2}, 'cp_size=2'), ({'ulysses_size': 2}, 'ulysses_size=2')])
+@pytest.mark.parametrize('sizes, named', [({'tp_size': 2}, 'tp_size=2'), ({'pp_size': 2}, 'pp_size=2')])
 def test_parallelize_refuses_dims_it_does_not_handle(sizes, named):
     with pytest.raises(NotImplementedError, match=named):
         parallelize(nn.Linear(2, 2), DeviceMesh.from_sizes(**sizes))

@@ -7,7 +7,7 @@ import torch
 
 from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
 
-__all__ = ['IGNORE_INDEX', 'Loss', 'count_tokens', 'shifted_labels']
+__all__ = ['IGNORE_INDEX', 'Loss', 'count_tokens', 'next_token_targets', 'shifted_labels']
 
 
 class Loss:
@@ -27,3 +27,15 @@ class Loss:
 
 def count_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (shifted_labels(labels) != IGNORE_INDEX).sum()
+
+
+def next_token_targets(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The label each position predicts: the batch's ``shift_labels`` when it carries them (a
+    sequence-sharded batch, shifted before sharding: the next token may sit on another rank), else
+    its ``labels`` shifted."""
+    if isinstance(inputs, Mapping) and inputs.get('shift_labels') is not None:
+        return inputs['shift_labels']
+    labels = inputs.get('labels') if isinstance(inputs, Mapping) else None
+    if labels is None:
+        raise ValueError('the batch has no labels: the cross-entropy loss needs them')
+    return shifted_labels(labels)

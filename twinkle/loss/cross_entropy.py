@@ -1,20 +1,13 @@
 """Next-token cross-entropy, summed over the tokens that are not ignored."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .base import IGNORE_INDEX, Loss, count_tokens, shifted_labels
-
-
-def _require_labels(inputs: Mapping[str, Any]) -> torch.Tensor:
-    labels = inputs.get('labels') if isinstance(inputs, Mapping) else None
-    if labels is None:
-        raise ValueError('the batch has no labels: the cross-entropy loss needs them')
-    return labels
+from .base import IGNORE_INDEX, Loss, next_token_targets
 
 
 class CrossEntropyLoss(Loss):
@@ -28,12 +21,12 @@ class CrossEntropyLoss(Loss):
     model_computes_loss = True
 
     def __call__(self, inputs, outputs) -> Tuple[torch.Tensor, torch.Tensor]:
-        labels = _require_labels(inputs)
-        num_tokens = count_tokens(labels)
+        targets = next_token_targets(inputs)
+        num_tokens = (targets != IGNORE_INDEX).sum()
         loss = getattr(outputs, 'loss', None)
         if loss is None:
             logits = outputs.logits
-            loss = F.cross_entropy(logits.flatten(0, -2).float(), shifted_labels(labels).flatten().to(logits.device),
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten().to(logits.device),
                                    ignore_index=IGNORE_INDEX, reduction='sum')
         return loss, num_tokens
 
@@ -51,9 +44,8 @@ class ChunkedCrossEntropyLoss(Loss):
         self.chunk_size = chunk_size
 
     def __call__(self, inputs, outputs) -> Tuple[torch.Tensor, torch.Tensor]:
-        labels = _require_labels(inputs)
         logits = outputs.logits.flatten(0, -2)
-        targets = shifted_labels(labels).flatten().to(logits.device)
+        targets = next_token_targets(inputs).flatten().to(logits.device)
         total: Optional[torch.Tensor] = None
         for start in range(0, logits.shape[0], self.chunk_size):
             chunk = checkpoint(_chunk_loss, logits[start:start + self.chunk_size],
@@ -61,7 +53,7 @@ class ChunkedCrossEntropyLoss(Loss):
             total = chunk if total is None else total + chunk
         if total is None:
             total = logits.sum() * 0.0
-        return total, count_tokens(labels)
+        return total, (targets != IGNORE_INDEX).sum()
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

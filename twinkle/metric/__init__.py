@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from twinkle.loss.base import IGNORE_INDEX, shifted_labels
+from twinkle.loss.base import IGNORE_INDEX, next_token_targets
 
 
 class Metric:
@@ -54,9 +54,9 @@ class Accuracy(Metric):
 
     def update(self, *, inputs: Dict[str, Any], outputs: Any, **_: Any) -> None:
         logits = getattr(outputs, 'logits', None)
-        if logits is None or 'labels' not in inputs:
+        if logits is None or ('labels' not in inputs and 'shift_labels' not in inputs):
             return
-        targets = shifted_labels(inputs['labels']).to(logits.device)
+        targets = next_token_targets(inputs).to(logits.device)
         trained = targets != IGNORE_INDEX
         self.correct += int((logits.argmax(-1)[trained] == targets[trained]).sum())
         self.total += int(trained.sum())

@@ -98,7 +98,7 @@ class TwinkleModel(abc.ABC):
         outputs = None
         for batch in self._batches(inputs):
             outputs = self._run(batch, state.loss, want_loss=False)
-            if 'labels' in batch:
+            if 'labels' in batch or 'shift_labels' in batch:  # shift_labels: a sequence-sharded batch
                 loss_sum, num_tokens = state.loss(batch, outputs)
                 for metric in state.eval_metrics:
                     metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
@@ -248,14 +248,15 @@ class TwinkleModel(abc.ABC):
         return torch.amp.GradScaler(self.device.torch_device_type)
 
     def _data_sum(self, value) -> torch.Tensor:
-        """``value`` summed over the data ranks (the mesh's data group), never over ranks that hold
-        other slices of the same data (tp, pp, cp)."""
+        """``value`` summed over the ranks whose tokens make the batch (the mesh's loss group: data
+        ranks, and cp/ulysses ranks, which hold other tokens of the same rows), never over ranks that
+        hold other slices of the same tokens (tp, pp)."""
         if self.device_mesh is None or not dist.is_initialized():
             return all_reduce_sum(value)
-        return all_reduce_sum(value, group=self.device_mesh.data_group())
+        return all_reduce_sum(value, group=self.device_mesh.loss_group())
 
     def _mean_tokens_per_rank(self, num_tokens) -> float:
-        ranks = self.device_mesh.data_world_size if self.distributed else 1
+        ranks = self.device_mesh.loss_world_size if self.distributed else 1
         return max(float(self._data_sum(num_tokens)) / ranks, 1.0)
 
     def _finalize_gradients(self, state: TrainState) -> None:

@@ -6,6 +6,9 @@ the flavour: fsdp > 1 shards over fsdp; dp > 1 as well gives HSDP (shard within 
 replicate across dp); dp alone replicates. Gradients come out SUMMED over data ranks (see
 ``twinkle.parallel.gradients`` for the token normalisation that follows).
 
+Context-parallel ranks (cp, ulysses) hold other tokens of the same rows: they shard the parameters
+too (fsdp x cp x ulysses), so their gradients sum over every token of the batch.
+
 With expert parallelism (ep > 1, ``apply_expert_parallel`` done first) the ep ranks are data ranks
 too. Non-expert parameters are the same everywhere and shard over all data ranks (fsdp x ep);
 each rank's experts exist only on the ranks with the same ep index, so every expert unit (the
@@ -29,8 +32,7 @@ from .mesh import DeviceMesh
 
 logger = get_logger(__name__)
 
-_LATER = {'tp': 'Megatron (MegatronModel)', 'pp': 'Megatron (MegatronModel)', 'cp': 'context parallelism',
-          'ulysses': 'Ulysses sequence parallelism'}
+_LATER = {'tp': 'Megatron (MegatronModel)', 'pp': 'Megatron (MegatronModel)'}
 _DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16,
            'fp32': torch.float32, 'float32': torch.float32}
 
@@ -47,14 +49,15 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
         raise ValueError(f'mesh must be a twinkle DeviceMesh, got {type(mesh).__name__}')
     for dim, feature in _LATER.items():
         if mesh.size(dim) > 1:
-            raise NotImplementedError(f'{dim}_size={mesh.size(dim)}: parallelize handles dp, fsdp and ep only; '
+            raise NotImplementedError(f'{dim}_size={mesh.size(dim)}: parallelize handles dp, fsdp, ep, cp and '
+                                      f'ulysses only; '
                                       f'{feature} is not available here yet')
     param_dtype = _param_dtype(mixed_precision)
     units = [(unit, experts.ep_group) for _, unit, experts in expert_units(model)]
     if mesh.size('ep') > 1 and not units:
         raise ValueError(f'mesh has ep_size={mesh.size("ep")} but the model has no expert-parallel experts: '
                          f'call apply_expert_parallel(model, mesh) before parallelize')
-    if mesh.data_world_size == 1:
+    if mesh.loss_world_size == 1:
         logger.info('parallelize: one data rank, model left unsharded')
         return model
     if not dist.is_initialized():
@@ -65,11 +68,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
     policy = (MixedPrecisionPolicy() if param_dtype is None
               else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
     if units:
-        expert_mesh = _shard_mesh(mesh, ('fsdp',))
+        expert_mesh = mesh.expert_mesh()
         for unit, group in units:
             fully_shard(unit, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
             mark_expert_local(unit, group)
-    shard_mesh = _shard_mesh(mesh, ('fsdp', 'ep') if mesh.size('ep') > 1 else ('fsdp',))
+    shard_mesh = mesh.fsdp_mesh()
     layers = decoder_layers(model)
     layer_class = type(layers[0]).__name__
     for layer in layers:
@@ -79,27 +82,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: Union[No
         if isinstance(module, FSDPModule):  # plain sums: the token normalisation divides later
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-    sharded = ' x '.join(dim for dim in ('fsdp', 'ep') if mesh.size(dim) > 1)
+    sharded = ' x '.join(dim for dim in ('fsdp', 'ep', 'cp', 'ulysses') if mesh.size(dim) > 1)
     flavour = ', '.join(part for part in ('replicate over dp' if mesh.size('dp') > 1 else '',
                                           f'shard over {sharded}' if sharded else '') if part)
     if mesh.size('dp') > 1 and sharded:
         flavour = f'HSDP: {flavour}'
     if units:
-        flavour += f'; {len(units)} expert units over the EP-complement (fsdp={mesh.size("fsdp")})'
+        flavour += (f'; {len(units)} expert units over the EP-complement (fsdp x cp x ulysses = '
+                    f'{mesh.size("fsdp") * mesh.sequence_world_size})')
     logger.info('parallelize: FSDP2 over %s (%s), %d x %s + root, compute dtype %s', mesh.describe_sizes(),
                 flavour, len(layers), layer_class, param_dtype or 'as stored')
     return model
-
-
-def _shard_mesh(mesh: DeviceMesh, shard_dims):
-    """The torch mesh FSDP shards over: ``shard_dims`` flattened into one dim, with dp in front
-    (HSDP: replicate over dp) when dp > 1."""
-    torch_mesh = mesh.to_torch()
-    present = tuple(dim for dim in shard_dims if dim in mesh.dims)
-    name = '_'.join(present)
-    if len(present) > 1:
-        torch_mesh[present]._flatten(name)
-    return torch_mesh[('dp', name)] if mesh.size('dp') > 1 else torch_mesh[name]
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:

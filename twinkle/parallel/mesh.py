@@ -22,6 +22,9 @@ DIM_ORDER = ('pp', 'dp', 'fsdp', 'ep', 'cp', 'ulysses', 'tp')
 # splits the data ranks (each reads its own tokens and sends them to the experts' owners), it does
 # not add ranks that repeat a data slice.
 DATA_DIMS = ('dp', 'fsdp', 'ep')
+# Ranks along these split each sequence (context parallelism): they read the same data slice but
+# hold different tokens of it, so tokens and losses sum over them too, and FSDP shards over them.
+SEQUENCE_DIMS = ('cp', 'ulysses')
 ALWAYS_PRESENT = ('dp', 'fsdp')
 
 _global_mesh: Optional['DeviceMesh'] = None
@@ -52,6 +55,7 @@ class DeviceMesh:
     device_type: Optional[str] = None
     _torch_mesh: object = field(default=None, init=False, repr=False, compare=False)
     _data_group: object = field(default=None, init=False, repr=False, compare=False)
+    _loss_group: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         unknown = [name for name in self.dims if name not in DIM_ORDER]
@@ -141,6 +145,22 @@ class DeviceMesh:
             rank = rank * self.size(name) + coordinate.get(name, 0)
         return rank
 
+    @property
+    def sequence_world_size(self) -> int:
+        """Ranks that split one sequence: cp x ulysses."""
+        return math.prod(self.size(name) for name in SEQUENCE_DIMS)
+
+    @property
+    def sequence_rank(self) -> int:
+        """This rank's shard of each sequence (cp index x ulysses + ulysses index; see sequence_shards)."""
+        coordinate = self.coordinate()
+        return coordinate.get('cp', 0) * self.size('ulysses') + coordinate.get('ulysses', 0)
+
+    @property
+    def loss_world_size(self) -> int:
+        """Ranks whose tokens together make the global batch: data ranks x sequence ranks."""
+        return self.data_world_size * self.sequence_world_size
+
     # -- torch objects ------------------------------------------------------------------------
     def resolved_device_type(self) -> str:
         """``device_type`` or, when unset, the torch device type of the detected backend."""
@@ -179,6 +199,36 @@ class DeviceMesh:
             else:
                 self._data_group = _group_along(self, DATA_DIMS)
         return self._data_group
+
+    def loss_group(self):
+        """The process group of the ranks whose tokens together make the global batch (data and
+        sequence ranks with the same tp, pp coordinates): token counts, losses and metrics sum over it."""
+        if self._loss_group is None:
+            if self.sequence_world_size == 1:
+                self._loss_group = self.data_group()
+            elif self.loss_world_size == self.world_size:
+                self._loss_group = dist.group.WORLD
+            else:
+                self._loss_group = _group_along(self, DATA_DIMS + SEQUENCE_DIMS)
+        return self._loss_group
+
+    def fsdp_mesh(self):
+        """The torch mesh FSDP shards the (non-expert) parameters over: fsdp, ep, cp, ulysses (those
+        present) flattened into one dim, with dp in front (HSDP: replicate over dp) when dp > 1."""
+        return self._shard_mesh(('fsdp', 'ep', *SEQUENCE_DIMS))
+
+    def expert_mesh(self):
+        """The torch mesh of an expert-parallel rank's experts: the EP-complement (fsdp, cp,
+        ulysses), the ranks holding the same experts; dp in front when dp > 1."""
+        return self._shard_mesh(('fsdp', *SEQUENCE_DIMS))
+
+    def _shard_mesh(self, shard_dims: Sequence[str]):
+        torch_mesh = self.to_torch()
+        present = tuple(dim for dim in shard_dims if self.size(dim) > 1) or ('fsdp',)
+        name = '_'.join(present)
+        if len(present) > 1:
+            torch_mesh[present]._flatten(name)
+        return torch_mesh[('dp', name)] if self.size('dp') > 1 else torch_mesh[name]
 
     def refuse_unapplied(self, applied: Sequence[str], owner: str, advice: Dict[str, str]) -> None:
         """Raise when a dim of size > 1 is one that ``owner`` does not apply: a mesh must never be

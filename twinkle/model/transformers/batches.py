@@ -8,9 +8,10 @@ import torch
 from twinkle.kernels.checks import check_batch
 
 # Keys of a collated batch that Hugging Face causal LMs accept (the cu_seq_lens/max_length ones
-# carry packed-sequence boundaries to varlen attention).
+# carry packed-sequence boundaries to varlen attention, twinkle_context_parallel a sharded batch's
+# layout to context-parallel attention).
 MODEL_INPUT_KEYS = ('input_ids', 'attention_mask', 'position_ids', 'cu_seq_lens_q', 'cu_seq_lens_k',
-                    'max_length_q', 'max_length_k')
+                    'max_length_q', 'max_length_k', 'twinkle_context_parallel')
 
 
 def to_batches(inputs: Any, processor, template, device: torch.device,

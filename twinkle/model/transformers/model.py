@@ -23,6 +23,7 @@ from twinkle.model.precision import choose_attention, choose_precision
 from twinkle.model.train_state import TrainState
 from twinkle.parallel import (apply_expert_parallel, checkpoint_directory, clip_grad_norm_, global_mesh, load_sharded,
                               parallelize, recover_checkpoint, write_full_state_dict, write_sharded)
+from twinkle.parallel.context_parallel import ulysses_kv_replicas
 from twinkle.parallel.expert_checkpoint import shard_expert_state_dict
 from twinkle.utils.logger import get_logger
 
@@ -32,12 +33,10 @@ from .batches import model_inputs, to_batches
 logger = get_logger(__name__)
 
 SHARDED_STATE = 'sharded'  # subfolder of a checkpoint with the FSDP shards of model and optimizer
-APPLIED_DIMS = ('dp', 'fsdp', 'ep')
+APPLIED_DIMS = ('dp', 'fsdp', 'ep', 'cp', 'ulysses')
 UNAPPLIED_ADVICE = {
     'tp': 'tensor parallelism is MegatronModel\'s (twinkle.model.MegatronModel, through megatron-core)',
     'pp': 'pipeline parallelism is MegatronModel\'s (twinkle.model.MegatronModel, through megatron-core)',
-    'cp': 'context parallelism is not available for TransformersModel in this version',
-    'ulysses': 'Ulysses sequence parallelism is not available for TransformersModel in this version',
 }
 
 
@@ -50,7 +49,10 @@ class TransformersModel(TwinkleModel):
         config: build from this config instead of loading weights (``model_id`` then unused).
         device_mesh: the parallel layout (default: the mesh given to ``twinkle.initialize``). With
             ``ep_size > 1`` each rank keeps its share of every MoE layer's experts (at load, before
-            adapters), and FSDP2 shards the rest over all data ranks.
+            adapters), and FSDP2 shards the rest over all data ranks. With ``cp_size`` /
+            ``ulysses_size > 1`` every batch's sequences are split over those ranks (zigzag shards,
+            ring / Ulysses attention), FSDP2 shards over them too, and losses sum over their
+            tokens; outputs (logits) are this rank's shard.
         mixed_precision: 'auto' (ask the device), 'bf16', 'fp16' or 'fp32'.
         kernels: 'auto' (twinkle's choice per model family), a ``kernelize`` mapping, or None.
         attn_implementation: 'auto' (flash-attn 2 where supported, else SDPA) or an HF name.
@@ -67,18 +69,24 @@ class TransformersModel(TwinkleModel):
         self.device_mesh = device_mesh if device_mesh is not None else global_mesh()
         if self.device_mesh is not None:
             self.device_mesh.refuse_unapplied(APPLIED_DIMS, 'TransformersModel', UNAPPLIED_ADVICE)
-        self.distributed = self.device_mesh is not None and self.device_mesh.data_world_size > 1
+        self.distributed = self.device_mesh is not None and self.device_mesh.loss_world_size > 1
+        self.context_parallel = self.device_mesh is not None and self.device_mesh.sequence_world_size > 1
         self.model_id = model_id
         self.precision = choose_precision(self.device, mixed_precision)
         if self.distributed and self.precision.autocast_dtype is not None:
             # FSDP2 keeps fp32 shards and casts them for compute; no autocast on top.
             self.precision = dataclasses.replace(self.precision, param_dtype=torch.float32, autocast_dtype=None,
                                                  reason=self.precision.reason + ', FSDP2 mixed-precision policy')
-        attention, attention_reason = choose_attention(self.device, self.precision, attn_implementation)
+        attention, attention_reason = (self._context_parallel_attention(attn_implementation) if self.context_parallel
+                                       else choose_attention(self.device, self.precision, attn_implementation))
         logger.info('precision: %s (%s)%s', self.precision.name, self.precision.reason,
                     '; fp16 gradient scaler on' if self.precision.use_grad_scaler else '')
         logger.info('attention: %s (%s)', attention, attention_reason)
         self.model = self._load(model_id, model_cls, config, attention, from_pretrained_kwargs)
+        if self.context_parallel:  # heads Ulysses cannot split: refused now, not in the first forward
+            loaded = self._base_model().config
+            ulysses_kv_replicas(loaded.num_attention_heads, getattr(loaded, 'num_key_value_heads', None)
+                                or loaded.num_attention_heads, self.device_mesh.size('ulysses'))
         self.kernels = kernels
         self._apply_kernels(kernels)
         if self.device_mesh is not None and self.device_mesh.size('ep') > 1:
@@ -237,9 +245,22 @@ class TransformersModel(TwinkleModel):
         else:
             raise ValueError(f"kernels must be 'auto', a kernelize mapping or None, got {kernels!r}")
 
+    def _context_parallel_attention(self, attn_implementation: str):
+        """Sequence-sharded batches need attention that exchanges K/V (ring) or heads (Ulysses)."""
+        from twinkle.parallel.context_parallel_model import HF_ATTENTION_NAME, register_hf_attention
+        if attn_implementation not in ('auto', HF_ATTENTION_NAME):
+            raise ValueError(f'attn_implementation={attn_implementation!r} cannot run context parallelism '
+                             f'({self.device_mesh.describe_sizes()}): it attends within one rank\'s tokens only; '
+                             f'use "auto" (twinkle\'s {HF_ATTENTION_NAME})')
+        return register_hf_attention(), f'{self.device_mesh.describe_sizes()}: Ulysses / ring attention over shards'
+
     def _batches(self, inputs) -> Iterable[Dict[str, Any]]:
         vocab_size = getattr(self._base_model().config, 'vocab_size', None)
-        return to_batches(inputs, self.processor, self.template, self.device.local_device(), vocab_size)
+        batches = to_batches(inputs, self.processor, self.template, self.device.local_device(), vocab_size)
+        if not self.context_parallel:
+            return batches
+        from twinkle.parallel.context_parallel_model import shard_batch
+        return [shard_batch(batch, self.device_mesh) for batch in batches]
 
     def _run(self, batch: Dict[str, Any], loss: Loss, want_loss: bool = True):
         if 'cu_seq_lens_q' in batch:
@@ -248,6 +269,8 @@ class TransformersModel(TwinkleModel):
         if want_loss and loss.model_computes_loss and 'labels' in batch:
             # num_items_in_batch=1 makes the model's loss a sum over tokens (HF and twinkle heads alike)
             kwargs.update(labels=batch['labels'], num_items_in_batch=1)
+        elif want_loss and loss.model_computes_loss and 'shift_labels' in batch:  # sharded: twinkle's head fuses
+            kwargs.update(shift_labels=batch['shift_labels'], num_items_in_batch=1)
         with self._autocast():
             return self.model(**kwargs)
 
