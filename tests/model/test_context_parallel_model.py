@@ -1,7 +1,8 @@
 """TransformersModel with context parallelism (gloo, CPU, fp32): the tiny Qwen3 at cp=2, ulysses=2
-(2 ranks) and ulysses=2 x cp=2 (4 ranks) equals one process on padded and packed batches of
-uneven samples -- losses of three steps, every gradient of the first, the logits of a probe batch
-(1e-5 of scale) -- and each attention module receives only its rank's shard. Refusals run in one
+(2 ranks), ulysses=2 x cp=2 and FSDP2 fsdp=2 x cp=2 (4 ranks), and the tiny Qwen3-MoE at
+ep=2 x ulysses=2, equal one process on padded and packed batches of uneven samples -- losses of
+five steps, every gradient of the first (each EP rank: its experts' slice), the logits of a
+probe batch (1e-5 of scale) -- and each attention module receives only its rank's shard. Refusals run in one
 process: an attention implementation that cannot shard, heads Ulysses cannot split, left padding."""
 import pytest
 import torch
@@ -14,14 +15,19 @@ from twinkle.parallel.context_parallel_model import shard_batch
 from twinkle.parallel.sequence_shards import shard_sequences
 
 JOB = 'tests.model.cp_job'
-LAYOUTS = {'cp2': (2, 1), 'ulysses2': (1, 2), 'cp2_ulysses2': (2, 2)}
+LAYOUTS = {  # name -> cp, ulysses, fsdp, ep, model
+    'cp2': (2, 1, 1, 1, 'dense'), 'ulysses2': (1, 2, 1, 1, 'dense'), 'cp2_ulysses2': (2, 2, 1, 1, 'dense'),
+    'fsdp2_cp2': (2, 1, 2, 1, 'dense'), 'ep2_ulysses2': (1, 2, 1, 2, 'moe'),
+}
+TWINS = {'dense': (1, 1, 1, 1, 'dense'), 'moe': (1, 1, 1, 1, 'moe')}
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     results = {}
-    for name, (cp, ulysses) in {'one': (1, 1), **LAYOUTS}.items():
-        results[name] = launch(cp * ulysses, tmp_path_factory.mktemp(name), JOB, str(cp), str(ulysses), timeout=600)
+    for name, (cp, ulysses, fsdp, ep, model) in {**TWINS, **LAYOUTS}.items():
+        results[name] = launch(cp * ulysses * fsdp * ep, tmp_path_factory.mktemp(name), JOB,
+                               *map(str, (cp, ulysses, fsdp, ep, model)), timeout=600)
     return results
 
 
@@ -39,14 +45,16 @@ def padded_length(lengths, cp, ulysses, packed):
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 @pytest.mark.parametrize('kind', ['padded', 'packed'])
 def test_ranks_equal_one_process(runs, layout, kind):
-    cp, ulysses = LAYOUTS[layout]
-    one = runs['one'][0][kind]
+    one = runs[LAYOUTS[layout][-1]][0][kind]
     for rank in runs[layout]:
         result = rank[kind]
         close(torch.tensor(result['losses']), torch.tensor(one['losses']))
         assert result['grads'].keys() == one['grads'].keys()
         for name, grad in one['grads'].items():
-            close(result['grads'][name], grad)
+            local = result['grads'][name]
+            if local.shape != grad.shape:  # an EP rank's experts
+                grad = grad[result['ep_rank'] * local.shape[0]:(result['ep_rank'] + 1) * local.shape[0]]
+            close(local, grad)
     logits = torch.zeros_like(one['probe_logits'])
     for rank in runs[layout]:
         source, local = rank[kind]['probe_source'], rank[kind]['probe_logits']
@@ -61,14 +69,16 @@ def test_ranks_equal_one_process(runs, layout, kind):
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 @pytest.mark.parametrize('kind', ['padded', 'packed'])
 def test_attention_sees_only_its_shard(runs, layout, kind):
-    cp, ulysses = LAYOUTS[layout]
-    packed = kind == 'packed'
-    expected = [padded_length(lengths, cp, ulysses, packed) // (cp * ulysses) for lengths in (*LENGTHS, PROBE)]
-    for rank in runs[layout]:
-        seen = rank[kind]['seen']  # 2 layers x (3 training steps + the probe)
+    cp, ulysses, fsdp, ep, model = LAYOUTS[layout]
+    packed, data_ranks = kind == 'packed', fsdp * ep
+    for rank, result in enumerate(runs[layout]):
+        data_rank = rank // (cp * ulysses)  # the data dims are outer to cp and ulysses
+        batches = [lengths[data_rank::data_ranks] for lengths in LENGTHS] + [PROBE]
+        expected = [padded_length(lengths, cp, ulysses, packed) // (cp * ulysses) for lengths in batches]
+        seen = result[kind]['seen']  # 2 layers x (5 training steps + the probe)
         assert seen == [length for length in expected for _ in range(2)], seen
     whole = [sum(lengths) if packed else max(lengths) for lengths in (*LENGTHS, PROBE)]  # one process: all of it
-    assert runs['one'][0][kind]['seen'] == [length for length in whole for _ in range(2)]
+    assert runs[model][0][kind]['seen'] == [length for length in whole for _ in range(2)]
 
 
 def test_an_attention_that_cannot_shard_is_refused(tiny_config):
