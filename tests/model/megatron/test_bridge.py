@@ -190,6 +190,7 @@ JOBS = {  # name: (model, tp, ep, pp, ranks)
     'qwen3 one process': ('qwen3', 1, 1, 1, 1),
     'qwen3 tp=2 (sequence parallel)': ('qwen3', 2, 1, 1, 2),
     'qwen3 pp=2': ('qwen3', 1, 1, 2, 2),
+    'qwen3 tp=2 x pp=2': ('qwen3', 2, 1, 2, 4),
     'qwen3_moe one process': ('qwen3_moe', 1, 1, 1, 1),
     'qwen3_moe ep=2': ('qwen3_moe', 1, 2, 1, 2),
     'qwen3_moe tp=2 (sequence parallel)': ('qwen3_moe', 2, 1, 1, 2),

@@ -87,8 +87,11 @@ def test_one_process_trains_like_transformers_model(runs, model):
 
 
 @pytest.mark.parametrize('model, sizes, mode', [('qwen3', 'tp=2', 'full+resume'), ('qwen3', 'pp=2', 'full'),
-                                               ('qwen3_moe', 'ep=2', 'full'), ('qwen3_moe', 'tp=2', 'full')])
+                                               ('qwen3_moe', 'ep=2', 'full'), ('qwen3_moe', 'tp=2', 'full'),
+                                               ('qwen3', 'tp=2', 'full+megatron_ce')])
 def test_two_ranks_train_like_one_transformers_model(runs, model, sizes, mode):
+    """The loss through twinkle's vocab-parallel fused linear CE (default), or with kernels=None
+    through Megatron's output layer and vocab_parallel_cross_entropy."""
     reference, _ = runs(model, '', 1)
     result, out = runs(model, sizes, 2, mode)
     assert_same_trajectory(result['megatron'], reference['transformers'])
@@ -137,6 +140,12 @@ def test_lora_adapter_saved_at_pp2_holds_both_stages(runs):
     reference, _ = runs('qwen3', '', 1, 'lora')
     _, out = runs('qwen3', 'pp=2', 2, 'lora+resume')
     assert_close_to_scale(logits_of(trained_model(out, 'qwen3')), reference['transformers_logits'], LOGITS_RTOL)
+
+
+@pytest.mark.parametrize('mode, fused', [('full+resume', True), ('full+megatron_ce', False)])
+def test_the_loss_path_is_reported(runs, mode, fused):
+    result, _ = runs('qwen3', 'tp=2', 2, mode)
+    assert ('vocab-parallel fused linear cross-entropy' in result['loss_kind']) == fused, result['loss_kind']
 
 
 def test_tp2_holds_half_the_parameters_per_rank(runs):

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=N -m tests.model.megatron.train_job OUT MODEL SIZES MODE   (MegatronModel only)
 
 SIZES is like ``tp=2,dp=1``; MODE is 'full' or 'lora' (LoRA r=4 on every projection LoRA takes on
-MegatronModel), with '+resume' for a resumed twin: saved with its optimizer after step RESUME_AT,
-rebuilt, resumed, trained again to the end. Each rank saves OUT/rank<r>.pt: losses, grad norms,
+MegatronModel) with any of: '+resume' for a resumed twin (saved with its optimizer after step
+RESUME_AT, rebuilt, resumed, trained again to the end), '+megatron_ce' (kernels=None: Megatron's
+own logits and cross-entropy instead of the fused head loss). Each rank saves OUT/rank<r>.pt: losses, grad norms,
 parameters held, (rank 0) the logits of a probe batch after training; the adapter or full model is
 saved to OUT/saved. In one process, TransformersModel trains from the same start (for LoRA it
 loads MegatronModel's initial adapter, OUT/init).
@@ -71,8 +72,8 @@ def probe(model, vocab):
     return model.forward_only(inputs={'input_ids': ids, 'position_ids': torch.arange(SEQ).expand(2, SEQ)}).logits
 
 
-def megatron(path, name, mesh, kind, out_dir):
-    model = MegatronModel(model_id=path, device_mesh=mesh)
+def megatron(path, name, mesh, kind, flags, out_dir):
+    model = MegatronModel(model_id=path, device_mesh=mesh, kernels=None if 'megatron_ce' in flags else 'auto')
     if kind == 'lora':
         model.add_adapter_to_model('default', lora_config(name))
         model.save('init', output_dir=str(out_dir))
@@ -82,7 +83,8 @@ def megatron(path, name, mesh, kind, out_dir):
 
 def main(out: str, name: str, sizes: str, mode: str) -> None:
     out_dir = Path(out)
-    kind, resume = mode.split('+')[0], mode.endswith('+resume')
+    kind, *flags = mode.split('+')
+    resume = 'resume' in flags
     parsed = {key: int(value) for key, value in (item.split('=') for item in sizes.split(',') if item)}
     mesh = DeviceMesh.from_sizes(**{f'{key}_size': value for key, value in parsed.items()})
     path = assets.tiny_model_path(name)
@@ -90,12 +92,13 @@ def main(out: str, name: str, sizes: str, mode: str) -> None:
     if distributed:
         twinkle.initialize(global_device_mesh=mesh, seed=0, timeout=120)
     torch.manual_seed(0)
-    model = megatron(path, name, mesh, kind, out_dir)
+    model = megatron(path, name, mesh, kind, flags, out_dir)
     vocab = model.hf_config.vocab_size
     steps = batches(vocab, mesh.data_rank, mesh.data_world_size)
     checkpoint = str(out_dir / 'resume') if resume else None
     result = {'megatron': train(model, steps, micro_batch_size=1, checkpoint=checkpoint),
               'parameters': sum(p.numel() for p in model.model.parameters())}
+    result['loss_kind'] = model.get_train_configs()['loss']
     if mesh.size('pp') == 1:  # forward_only through the pipeline is not built yet
         logits = probe(model, vocab)
         if not distributed or dist.get_rank() == 0:
@@ -103,7 +106,7 @@ def main(out: str, name: str, sizes: str, mode: str) -> None:
     model.save('saved', output_dir=str(out_dir))
     model.close()
     if resume:
-        resumed = megatron(path, name, mesh, kind, out_dir)
+        resumed = megatron(path, name, mesh, kind, flags, out_dir)
         resumed.load(checkpoint, load_optimizer=True)
         result['resumed'] = train(resumed, steps[RESUME_AT:], micro_batch_size=1)
         resumed.close()

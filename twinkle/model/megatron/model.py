@@ -30,7 +30,7 @@ from twinkle.parallel import collective, global_mesh
 from twinkle.utils.labels import IGNORE_INDEX, shifted_labels
 from twinkle.utils.logger import get_logger
 
-from . import bridge, bridge_keys, checkpoint, lora, require_megatron
+from . import bridge, bridge_keys, checkpoint, head, lora, require_megatron
 from .parallel_state import check_megatron_mesh, destroy_megatron_groups, initialize_megatron_groups
 
 logger = get_logger(__name__)
@@ -54,16 +54,23 @@ class MegatronModel(TwinkleModel):
         device_mesh: tp, pp, dp, ep sizes; default: the mesh of ``twinkle.initialize``, else one process.
             With pp > 1, forward_backward runs the pipeline schedule; forward and forward_only
             through the pipeline are not built yet.
-        mixed_precision: 'fp32' ('auto' on CPU); 'bf16' / 'fp16' are not built yet.
-        seed: seeds Megatron's tensor-parallel RNG states.
+        mixed_precision: 'fp32' ('auto' on CPU). 'bf16' / 'fp16' are refused: megatron-core's
+            linears need half-precision weights with fp32 main copies in the optimizer (autocast over
+            fp32 weights breaks its sequence-parallel backward), which is not built yet.
+        seed: seeds Megatron's tensor-parallel RNG states and the LoRA initialisation.
+        kernels: 'auto' -- the training loss through twinkle's vocab-parallel fused linear
+            cross-entropy (no rank holds the tokens x vocab logits) -- or None for Megatron's output
+            layer and ``vocab_parallel_cross_entropy`` (the logits of this rank's vocab shard).
     """
 
     def __init__(self, model_id: str, *, device_mesh: Optional[DeviceMesh] = None, mixed_precision: str = 'auto',
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, kernels: Optional[str] = 'auto', **kwargs):
         if kwargs.pop('remote_group', None) is not None:
             raise NotImplementedError('remote_group needs twinkle.initialize(mode="ray"), which is not available yet')
         if kwargs:
             raise TypeError(f'MegatronModel got unexpected arguments {sorted(kwargs)}')
+        if kernels not in ('auto', None):
+            raise ValueError(f"kernels must be 'auto' or None for MegatronModel, got {kernels!r}")
         require_megatron()
         self.device = backends.current()
         self.device_mesh = device_mesh or global_mesh() or DeviceMesh({})
@@ -78,7 +85,8 @@ class MegatronModel(TwinkleModel):
         self.precision = choose_precision(self.device, mixed_precision)
         if self.precision.name != 'fp32':
             raise NotImplementedError(f'mixed_precision={mixed_precision!r} resolves to {self.precision.name}: '
-                                      "MegatronModel trains in 'fp32' only so far")
+                                      "MegatronModel trains in 'fp32' only so far (half-precision weights with fp32 "
+                                      'main copies are not built)')
         self.distributed = self.device_mesh.data_world_size > 1
         _ensure_process_group(self.device_mesh)
         initialize_megatron_groups(self.device_mesh, timeout=GROUP_TIMEOUT, seed=seed)
@@ -90,6 +98,9 @@ class MegatronModel(TwinkleModel):
         self._adapter_parameters: Dict[str, List[torch.nn.Parameter]] = {}
         self.seed = seed
         self.model = self._build()
+        self.fused_loss = kernels == 'auto'
+        self.head = self._fuse_head() if self.fused_loss else None
+        logger.info('MegatronModel loss: %s', self._loss_name())
         self.model.config.calculate_per_token_loss = True  # the pipeline schedule leaves our sums unscaled
         self._init_train_states()
 
@@ -111,7 +122,8 @@ class MegatronModel(TwinkleModel):
         parameters = [p for layer in self.lora_layers for p in layer.add(adapter_name, settings, self.seed)]
         self.lora_configs[adapter_name], self.lora_settings[adapter_name] = config, settings
         self._adapter_parameters[adapter_name] = parameters
-        self._states[adapter_name] = TrainState(adapter_name, parameters, gradient_accumulation_steps)
+        self._states[adapter_name] = TrainState(adapter_name, parameters, gradient_accumulation_steps,
+                                                scaler=self._new_scaler())
         self._active = adapter_name
         self._select_adapter(adapter_name)
         logger.info('adapter %r added: LoRA r=%d on %s, %d trainable parameters on this rank', adapter_name,
@@ -122,7 +134,7 @@ class MegatronModel(TwinkleModel):
         return {'model_id': self.model_id, 'model_class': 'megatron.core.GPTModel', 'device': self.device.type,
                 'precision': self.precision.name, **{f'{name}_size': size for name, size in self.sizes.items()},
                 'sequence_parallel': self.model.config.sequence_parallel,
-                'loss': 'megatron vocab-parallel cross-entropy', 'adapter': state.name or None,
+                'loss': self._loss_name(), 'adapter': state.name or None,
                 'trainable_parameters': sum(p.numel() for p in state.parameters),
                 'optimizer': type(state.optimizer).__name__ if state.optimizer else None,
                 'scheduler': type(state.scheduler).__name__ if state.scheduler else None}
@@ -183,15 +195,31 @@ class MegatronModel(TwinkleModel):
         if self.sizes['pp'] > 1:
             raise NotImplementedError('with pp_size > 1 MegatronModel trains (forward_backward); forward and '
                                       'forward_only through the pipeline are not built yet')
-        logits = self.model(batch['input_ids'], _position_ids(batch), _attention_mask(batch))
-        if not want_loss or 'labels' not in batch:
+        training = want_loss and 'labels' in batch
+        logits = self._forward(self.model, batch, fused=training)
+        if not training:
             full = tensor_parallel.gather_from_tensor_model_parallel_region(self._mask_padded_vocab(logits))
             return MegatronOutput(logits=full[..., :self.hf_config.vocab_size])
         return MegatronOutput(loss=self._loss_sum(logits, batch['labels']))
 
-    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy summed over the trained tokens, from vocab-parallel logits."""
+    def _forward(self, model: torch.nn.Module, batch: Dict[str, Any], fused: bool) -> torch.Tensor:
+        """GPTModel on one micro-batch; ``fused``: it returns the hidden states the fused head loss
+        reads (on the last stage), not logits."""
+        if self.head is not None:
+            self.head.fused = fused
+        try:
+            return model(batch['input_ids'], _position_ids(batch), _attention_mask(batch))
+        finally:
+            if self.head is not None:
+                self.head.fused = False
+
+    def _loss_sum(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy summed over the trained tokens: from the hidden states through
+        the fused head, or from vocab-parallel logits through Megatron's cross-entropy."""
+        if self.head is not None:
+            return head.loss_sum(self.head, output, labels, self.hf_config.vocab_size)
         from megatron.core import tensor_parallel
+        logits = output
         labels = shifted_labels(labels)
         trained = labels != IGNORE_INDEX
         per_token = tensor_parallel.vocab_parallel_cross_entropy(self._mask_padded_vocab(logits).float(),
@@ -215,7 +243,7 @@ class MegatronModel(TwinkleModel):
 
         def forward_step(iterator, model):
             batch = next(iterator)
-            output = model(batch['input_ids'], _position_ids(batch), _attention_mask(batch))
+            output = self._forward(model, batch, fused=True)
 
             def loss_func(logits):
                 loss_sum = self._loss_sum(logits, batch['labels'])
@@ -289,6 +317,18 @@ class MegatronModel(TwinkleModel):
         model = bridge.gpt_model(self.hf_config, config, pp_rank=parallel_state.get_pipeline_model_parallel_rank())
         checkpoint.load_base_state(model, self._rank_state(self.model_dir))
         return model.to(self.device.local_device())
+
+    def _fuse_head(self) -> Optional[head.FusedHead]:
+        """The fused head loss in place of the output layer (only the last pipeline stage has one)."""
+        if getattr(self.model, 'output_layer', None) is None:
+            return None
+        self.model.output_layer = head.FusedHead(self.model.output_layer, sequence_parallel=self.sizes['tp'] > 1)
+        return self.model.output_layer
+
+    def _loss_name(self) -> str:
+        if self.fused_loss:
+            return "twinkle vocab-parallel fused linear cross-entropy (kernels='auto': no tokens x vocab logits)"
+        return 'megatron output layer + vocab_parallel_cross_entropy (kernels=None)'
 
     def _wrap_linears(self) -> None:
         """LoRA wrappers around this stage's projections, the base frozen (once, at the first adapter)."""
