@@ -1,13 +1,14 @@
-"""Full-parameter finetune of an embedded tiny model with MegatronModel (megatron-core), offline.
+"""LoRA finetune of an embedded tiny model with MegatronModel (megatron-core), offline.
 
     make train BACKEND=megatron NPROC=4     # tiny Qwen3-MoE at tp=2 x ep=2, then tiny Qwen3 at tp=2 x pp=2
 
-The seeds' shape: ``MegatronModel(model_id=..., device_mesh=...)``, ``set_optimizer('default',
-lr=...)``, ``set_lr_scheduler('default', lr_decay_steps=..., max_lr=...)``, forward_backward with
-``micro_batch_size``, clip_grad_and_step, calculate_metric, save (Hugging Face safetensors, which
-plain transformers loads on one process). Tensor parallelism runs with sequence parallelism;
-pipeline parallelism through megatron-core's 1F1B schedule (micro_batch_size=2: 4 micro-batches).
-Not yet: LoRA on MegatronModel (see the README).
+The seeds' shape: ``MegatronModel(model_id=..., device_mesh=...)``, ``add_adapter_to_model`` (a
+peft LoraConfig; tensor-parallel LoRA), ``set_optimizer('default', lr=...)``,
+``set_lr_scheduler('default', lr_decay_steps=..., max_lr=...)``, forward_backward with
+``micro_batch_size``, clip_grad_and_step, calculate_metric, save (a peft adapter with Hugging Face
+names that plain peft loads on one process; ``--full`` trains every weight and saves Hugging Face
+safetensors). Tensor parallelism runs with sequence parallelism; pipeline parallelism through
+megatron-core's 1F1B schedule (micro_batch_size=2: 4 micro-batches).
 """
 import argparse
 import os
@@ -32,7 +33,8 @@ def parse_args():
     parser.add_argument('--model', choices=sorted(SIZES), default='qwen3_moe', help='embedded tiny model')
     parser.add_argument('--steps', type=int, default=8)
     parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--lr', type=float, default=None, help='default: 1e-2 for LoRA, 1e-3 with --full')
+    parser.add_argument('--full', action='store_true', help='train every weight instead of a LoRA adapter')
     parser.add_argument('--output', default=None, help='default: outputs/megatron-<model>')
     return parser.parse_args()
 
@@ -56,8 +58,12 @@ def main():
     dataloader = DataLoader(dataset=dataset, batch_size=args.batch_size)
 
     model = MegatronModel(model_id=model_id, device_mesh=mesh)
-    model.set_optimizer('default', lr=args.lr)
-    model.set_lr_scheduler('default', lr_decay_steps=args.steps, max_lr=args.lr)
+    if not args.full:  # all-linear on the MoE model: the attention projections (the experts take no LoRA here)
+        from peft import LoraConfig
+        model.add_adapter_to_model('default', LoraConfig(r=8, lora_alpha=32, target_modules='all-linear'))
+    lr = args.lr or (1e-3 if args.full else 1e-2)
+    model.set_optimizer('default', lr=lr)
+    model.set_lr_scheduler('default', lr_decay_steps=args.steps, max_lr=lr)
     losses = []
     for batch in dataloader:
         model.forward_backward(inputs=batch, micro_batch_size=2)
@@ -66,7 +72,7 @@ def main():
     path = model.save(args.output or f'outputs/megatron-{args.model}')
     if int(os.environ.get('RANK', '0')) == 0:
         print(f'{args.model} on {mesh.describe_sizes()}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over '
-              f'{len(losses)} steps; Hugging Face checkpoint: {path}')
+              f'{len(losses)} steps; {"Hugging Face checkpoint" if args.full else "peft adapter"}: {path}')
     model.close()
 
 
