@@ -43,7 +43,11 @@ class TwinkleModel(abc.ABC):
         """``optimizer_cls``: a torch.optim name ('default' is AdamW), class or instance."""
         self._ensure_parallel()
         state = self._state(adapter_name)
-        state.optimizer = build_optimizer(optimizer_cls, state.parameters, **kwargs)
+        state.optimizer = self._build_optimizer(optimizer_cls, state.parameters, **kwargs)
+
+    def _build_optimizer(self, optimizer_cls, parameters: List[torch.nn.Parameter], **kwargs):
+        """The optimizer over ``parameters`` (an adapter may keep fp32 main copies of half weights)."""
+        return build_optimizer(optimizer_cls, parameters, **kwargs)
 
     def set_lr_scheduler(self, scheduler_cls='CosineWarmupScheduler', adapter_name: Optional[str] = None,
                          **kwargs) -> None:

@@ -85,3 +85,61 @@ def build_scheduler(scheduler_cls: Union[str, Callable, Any], optimizer, **kwarg
     if not callable(scheduler_cls):  # an instance, already bound to an optimizer
         return scheduler_cls
     return scheduler_cls(optimizer, **kwargs)
+
+
+class MainParamsOptimizer(torch.optim.Optimizer):
+    """An optimizer stepping fp32 main copies of half-precision weights (Megatron's mixed precision).
+
+    AdamW on bf16 weights loses every update below bf16's resolution; here the inner optimizer
+    (and its state) lives on fp32 copies, gradients are upcast before its step and the weights take
+    the rounded result after it. fp32 parameters (a LoRA adapter) are their own main copies.
+    Schedulers see the inner optimizer's ``param_groups``; ``state_dict`` carries the main copies,
+    so a resume continues from them, not from the rounded weights."""
+
+    def __init__(self, optimizer_cls, params: Iterable, **kwargs: Any):  # noqa: super().__init__ not wanted
+        self.model_params = list(params)
+        self.main_params = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
+                            for p in self.model_params]
+        self.inner = build_optimizer(optimizer_cls, self.main_params, **kwargs)
+        self.defaults = self.inner.defaults
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def _copies(self):
+        return [(model, main) for model, main in zip(self.model_params, self.main_params) if main is not model]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError('MainParamsOptimizer.step takes no closure')
+        for model, main in self._copies():
+            main.grad = None if model.grad is None else model.grad.float()
+        self.inner.step()
+        for model, main in self._copies():
+            model.copy_(main)
+            main.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.model_params:
+            parameter.grad = None
+
+    def state_dict(self) -> dict:
+        return {'inner': self.inner.state_dict(), 'main_params': [main.detach().clone() for _, main in self._copies()]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        copies = self._copies()
+        if len(state_dict['main_params']) != len(copies):
+            raise ValueError(f'state_dict holds {len(state_dict["main_params"])} main copies, this optimizer has '
+                             f'{len(copies)}: not the same parameters')
+        self.inner.load_state_dict(state_dict['inner'])
+        for (model, main), saved in zip(copies, state_dict['main_params']):
+            main.copy_(saved)
+            model.copy_(saved)

@@ -142,6 +142,25 @@ def test_lora_adapter_saved_at_pp2_holds_both_stages(runs):
     assert_close_to_scale(logits_of(trained_model(out, 'qwen3')), reference['transformers_logits'], LOGITS_RTOL)
 
 
+@pytest.mark.parametrize('mode', ['full+bf16+resume', 'lora+bf16'])
+def test_bf16_trains_close_to_fp32_with_fp32_main_weights(runs, mode):
+    """bf16 weights and compute at tp=2 (the LoRA adapter fp32): within bf16 noise of the fp32 reference
+    (measured: loss rel <= 1.3e-4, grad norm rel <= 5e-3; asserted 1e-3 and 2e-2), not equal to it;
+    the full model steps fp32 main copies, and resumes from them bit for bit."""
+    kind = mode.split('+')[0]
+    reference, _ = runs('qwen3', '', 1, kind)
+    result, _ = runs('qwen3', 'tp=2', 2, mode)
+    got, expected = result['megatron'], reference['transformers']
+    torch.testing.assert_close(torch.tensor(got['loss']), torch.tensor(expected['loss']), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(got['grad_norm']), torch.tensor(expected['grad_norm']), rtol=2e-2, atol=0)
+    assert got['loss'] != expected['loss']
+    if kind == 'full':
+        assert result['dtypes'] == ['torch.bfloat16'] and result['optimizer'] == 'MainParamsOptimizer'
+        assert result['resumed']['loss'] == got['loss'][-2:] and result['resumed']['grad_norm'] == got['grad_norm'][-2:]
+    else:
+        assert result['dtypes'] == ['torch.bfloat16', 'torch.float32'] and result['optimizer'] == 'AdamW'
+
+
 @pytest.mark.parametrize('mode, fused', [('full+resume', True), ('full+megatron_ce', False)])
 def test_the_loss_path_is_reported(runs, mode, fused):
     result, _ = runs('qwen3', 'tp=2', 2, mode)
@@ -203,6 +222,12 @@ def test_tp_not_dividing_the_heads_is_named_before_any_group():
     from twinkle.model.megatron import MegatronModel
     with pytest.raises(ValueError, match='tp=3'):
         MegatronModel(model_id=assets.tiny_model_path('qwen3'), device_mesh=DeviceMesh.from_sizes(tp_size=3))
+
+
+def test_fp16_on_megatron_model_is_refused_with_the_alternative():
+    from twinkle.model.megatron import MegatronModel
+    with pytest.raises(NotImplementedError, match="no loss scaling yet; use 'bf16'"):
+        MegatronModel(model_id=assets.tiny_model_path('qwen3'), mixed_precision='fp16')
 
 
 def test_fsdp_on_megatron_model_points_at_dp():

@@ -6,7 +6,8 @@
 SIZES is like ``tp=2,dp=1``; MODE is 'full' or 'lora' (LoRA r=4 on every projection LoRA takes on
 MegatronModel) with any of: '+resume' for a resumed twin (saved with its optimizer after step
 RESUME_AT, rebuilt, resumed, trained again to the end), '+megatron_ce' (kernels=None: Megatron's
-own logits and cross-entropy instead of the fused head loss). Each rank saves OUT/rank<r>.pt: losses, grad norms,
+own logits and cross-entropy instead of the fused head loss), '+bf16' (MegatronModel in bf16; the
+TransformersModel reference stays fp32). Each rank saves OUT/rank<r>.pt: losses, grad norms,
 parameters held, (rank 0) the logits of a probe batch after training; the adapter or full model is
 saved to OUT/saved. In one process, TransformersModel trains from the same start (for LoRA it
 loads MegatronModel's initial adapter, OUT/init).
@@ -73,7 +74,8 @@ def probe(model, vocab):
 
 
 def megatron(path, name, mesh, kind, flags, out_dir):
-    model = MegatronModel(model_id=path, device_mesh=mesh, kernels=None if 'megatron_ce' in flags else 'auto')
+    model = MegatronModel(model_id=path, device_mesh=mesh, mixed_precision='bf16' if 'bf16' in flags else 'fp32',
+                          kernels=None if 'megatron_ce' in flags else 'auto')
     if kind == 'lora':
         model.add_adapter_to_model('default', lora_config(name))
         model.save('init', output_dir=str(out_dir))
@@ -99,6 +101,8 @@ def main(out: str, name: str, sizes: str, mode: str) -> None:
     result = {'megatron': train(model, steps, micro_batch_size=1, checkpoint=checkpoint),
               'parameters': sum(p.numel() for p in model.model.parameters())}
     result['loss_kind'] = model.get_train_configs()['loss']
+    result['dtypes'] = sorted({str(p.dtype) for p in model.model.parameters()})
+    result['optimizer'] = model.get_train_configs()['optimizer']
     if mesh.size('pp') == 1:  # forward_only through the pipeline is not built yet
         logits = probe(model, vocab)
         if not distributed or dist.get_rank() == 0:

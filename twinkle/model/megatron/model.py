@@ -21,6 +21,7 @@ import torch.distributed as dist
 from twinkle import backends, hub
 from twinkle.loss import Loss
 from twinkle.model.base import FULL_MODEL, TwinkleModel, check_positive_int
+from twinkle.model.optim import MainParamsOptimizer
 from twinkle.model.precision import choose_precision
 from twinkle.model.train_state import TrainState
 from twinkle.model.transformers.batches import to_batches
@@ -54,9 +55,9 @@ class MegatronModel(TwinkleModel):
         device_mesh: tp, pp, dp, ep sizes; default: the mesh of ``twinkle.initialize``, else one process.
             With pp > 1, forward_backward runs the pipeline schedule; forward and forward_only
             through the pipeline are not built yet.
-        mixed_precision: 'fp32' ('auto' on CPU). 'bf16' / 'fp16' are refused: megatron-core's
-            linears need half-precision weights with fp32 main copies in the optimizer (autocast over
-            fp32 weights breaks its sequence-parallel backward), which is not built yet.
+        mixed_precision: 'auto' (the device's default: fp32 on CPU), 'bf16' or 'fp32'. bf16 is
+            Megatron's mixed precision: bf16 weights and compute, the optimizer on fp32 main copies
+            (``MainParamsOptimizer``; LoRA adapters stay fp32). 'fp16' (loss scaling) is not built.
         seed: seeds Megatron's tensor-parallel RNG states and the LoRA initialisation.
         kernels: 'auto' -- the training loss through twinkle's vocab-parallel fused linear
             cross-entropy (no rank holds the tokens x vocab logits) -- or None for Megatron's output
@@ -83,10 +84,11 @@ class MegatronModel(TwinkleModel):
         self.arch = bridge.architecture(self.hf_config)
         bridge.check_parallel_sizes(self.arch, tp=self.sizes['tp'], pp=self.sizes['pp'], ep=self.sizes['ep'])
         self.precision = choose_precision(self.device, mixed_precision)
-        if self.precision.name != 'fp32':
-            raise NotImplementedError(f'mixed_precision={mixed_precision!r} resolves to {self.precision.name}: '
-                                      "MegatronModel trains in 'fp32' only so far (half-precision weights with fp32 "
-                                      'main copies are not built)')
+        if self.precision.name == 'fp16':
+            raise NotImplementedError(f"mixed_precision={mixed_precision!r} resolves to fp16: MegatronModel has no "
+                                      "loss scaling yet; use 'bf16' where the device has it, else 'fp32'")
+        logger.info('MegatronModel precision: %s (%s)%s', self.precision.name, self.precision.reason,
+                    ', fp32 main weights in the optimizer' if self.precision.name == 'bf16' else '')
         self.distributed = self.device_mesh.data_world_size > 1
         _ensure_process_group(self.device_mesh)
         initialize_megatron_groups(self.device_mesh, timeout=GROUP_TIMEOUT, seed=seed)
@@ -167,6 +169,11 @@ class MegatronModel(TwinkleModel):
         destroy_megatron_groups()
 
     # -- the hooks of TwinkleModel --------------------------------------------------------------
+    def _build_optimizer(self, optimizer_cls, parameters: List[torch.nn.Parameter], **kwargs):
+        if all(p.dtype == torch.float32 for p in parameters) or isinstance(optimizer_cls, torch.optim.Optimizer):
+            return super()._build_optimizer(optimizer_cls, parameters, **kwargs)
+        return MainParamsOptimizer(optimizer_cls, parameters, **kwargs)
+
     def _trainable_parameters(self, adapter_name: str) -> List[torch.nn.Parameter]:
         if adapter_name:
             return self._adapter_parameters[adapter_name]
