@@ -31,12 +31,20 @@ $(STAMP): pyproject.toml constraints.txt
 NPROC      ?= 2
 LAUNCH     := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
+# CP_SIZE / ULYSSES_SIZE (context parallelism): examples/long_context.py instead, the tiny Qwen3 on 4k-token
+# sequences split over cp x ulysses ranks (NPROC must be a multiple of their product), peak memory per rank.
+CP_SIZE      ?=
+ULYSSES_SIZE ?=
+
 # BACKEND=megatron: examples/megatron.py (MegatronModel) on the tiny Qwen3-MoE, then the tiny Qwen3
 # (NPROC=4: tp=2 x ep=2, then tp=2 x pp=2).
 BACKEND    ?= transformers
 
 train: setup
-ifeq ($(BACKEND),megatron)
+ifneq ($(CP_SIZE)$(ULYSSES_SIZE),)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/long_context.py \
+		$(if $(CP_SIZE),--cp-size $(CP_SIZE)) $(if $(ULYSSES_SIZE),--ulysses-size $(ULYSSES_SIZE))
+else ifeq ($(BACKEND),megatron)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/megatron.py --model qwen3_moe
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/megatron.py --model qwen3
 else

@@ -1,8 +1,10 @@
-"""varlen_attention_lse, the block of a split attention: its output and log-sum-exp against an
-independent float64 formula (queries and keys of a sequence in different numbers, empty key
-sets), equality with varlen_attention when the blocks are whole sequences, and the property ring
-attention rests on: key blocks merged by their log-sum-exp give the whole attention, forward and
-backward. Tolerances: 1e-5 of scale (the op computes in fp32 for every input dtype); bf16
+"""varlen_attention_lse, the block of a split attention, on its reference and its sdpa backend
+(torch's fused CPU flash kernel): output and log-sum-exp against an independent float64 formula
+(queries and keys of a sequence in different numbers, empty key sets), equality with
+varlen_attention when the blocks are whole sequences, and the property ring attention rests on:
+key blocks merged by their log-sum-exp give the whole attention, forward and backward (autograd
+of the reference; varlen_attention_lse_backward of each block, fed the merged output and
+log-sum-exp, on both backends). Tolerances: 1e-5 of scale (the op computes in fp32 for every input dtype); bf16
 gradients, rounded once to bf16, 2^-7 of scale."""
 import pytest
 import torch
@@ -54,7 +56,13 @@ def test_matches_dense_formula(lengths_q, lengths_k, causal, dtype):
     q = randn(sum(lengths_q), 4, 8, dtype=dtype).requires_grad_()
     k = randn(sum(lengths_k), 2, 8, seed=1, dtype=dtype).requires_grad_()
     v = randn(sum(lengths_k), 2, 8, seed=2, dtype=dtype).requires_grad_()
-    out, lse = kernels.varlen_attention_lse(q, k, v, bounds(lengths_q), bounds(lengths_k), causal=causal)
+    with torch.no_grad():
+        fused = kernels.varlen_attention_lse(q, k, v, bounds(lengths_q), bounds(lengths_k), causal=causal,
+                                             backend='sdpa')
+    out, lse = kernels.varlen_attention_lse(q, k, v, bounds(lengths_q), bounds(lengths_k), causal=causal,
+                                            backend='reference')
+    close(fused[0], out, rel=1e-5 if dtype == torch.float32 else 2 ** -7)  # bf16: the kernel computes in bf16
+    close(fused[1], lse, rel=1e-5 if dtype == torch.float32 else 2 ** -7)
     assert out.dtype == lse.dtype == torch.float32 and lse.shape == (sum(lengths_q), 4)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want_out, want_lse = dense(*leaves, lengths_q, lengths_k, causal, 8 ** -0.5)
@@ -71,21 +79,27 @@ def test_matches_dense_formula(lengths_q, lengths_k, causal, dtype):
 def test_whole_sequences_equal_varlen_attention():
     lengths = [7, 1, 4]
     q, k, v = randn(12, 4, 8), randn(12, 2, 8, seed=1), randn(12, 2, 8, seed=2)
-    out, _ = kernels.varlen_attention_lse(q, k, v, bounds(lengths), bounds(lengths), causal=True)
-    close(out, kernels.varlen_attention(q, k, v, bounds(lengths), causal=True, backend='reference'))
+    for backend in ('reference', 'sdpa'):
+        out, _ = kernels.varlen_attention_lse(q, k, v, bounds(lengths), bounds(lengths), causal=True, backend=backend)
+        close(out, kernels.varlen_attention(q, k, v, bounds(lengths), causal=True, backend='reference'))
 
 
-def test_key_blocks_merged_by_log_sum_exp_equal_the_whole_attention():
-    """Each sequence's keys in two blocks (the first 2, the rest): merged output and gradients
-    equal attention over all keys at once."""
-    lengths, split = [5, 3, 6], 2
-    q = randn(14, 4, 8).requires_grad_()
-    k, v = randn(14, 2, 8, seed=1).requires_grad_(), randn(14, 2, 8, seed=2).requires_grad_()
+def key_blocks(lengths, split):
+    """Each sequence's keys in two blocks: the first ``split`` and the rest."""
     cu = bounds(lengths)
     first = torch.cat([torch.arange(s, s + split) for s in cu[:-1].tolist()])
     rest = torch.cat([torch.arange(s + split, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
-    out_a, lse_a = kernels.varlen_attention_lse(q, k[first], v[first], cu, bounds([split] * 3))
-    out_b, lse_b = kernels.varlen_attention_lse(q, k[rest], v[rest], cu, bounds([n - split for n in lengths]))
+    return cu, [(first, bounds([split] * len(lengths))), (rest, bounds([n - split for n in lengths]))]
+
+
+def test_key_blocks_merged_by_log_sum_exp_equal_the_whole_attention():
+    """Two key blocks: merged output and its autograd gradients equal attention over all keys."""
+    lengths = [5, 3, 6]
+    cu, blocks = key_blocks(lengths, 2)
+    q = randn(14, 4, 8).requires_grad_()
+    k, v = randn(14, 2, 8, seed=1).requires_grad_(), randn(14, 2, 8, seed=2).requires_grad_()
+    (out_a, lse_a), (out_b, lse_b) = (kernels.varlen_attention_lse(q, k[keys], v[keys], cu, cu_k, backend='reference')
+                                      for keys, cu_k in blocks)
     lse = torch.logaddexp(lse_a, lse_b)
     merged = (lse_a - lse).exp()[..., None] * out_a + (lse_b - lse).exp()[..., None] * out_b
     grad = randn(*merged.shape, seed=5)
@@ -93,17 +107,51 @@ def test_key_blocks_merged_by_log_sum_exp_equal_the_whole_attention():
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    whole, _ = kernels.varlen_attention_lse(q, k, v, cu, cu)
+    whole, _ = kernels.varlen_attention_lse(q, k, v, cu, cu, backend='reference')
     whole.backward(grad)
     close(merged, whole)
     for got, t in zip(grads, (q, k, v)):
         close(got, t.grad)
 
 
+@pytest.mark.parametrize('backend', ['reference', 'sdpa'])
+@pytest.mark.parametrize('causal', [False, True])
+def test_block_backward_fed_the_merged_result_sums_to_the_whole_gradient(backend, causal):
+    """Per block, varlen_attention_lse_backward(grad, merged out, merged lse): the sum over blocks
+    is the whole attention's gradient. Non-causal: two key blocks per sequence; causal: the whole
+    causal attention as one block (its mask in the backward)."""
+    lengths = [5, 3, 6]
+    cu, blocks = key_blocks(lengths, 2)
+    blocks = [(torch.arange(14), cu)] if causal else blocks
+    q = randn(14, 4, 8).requires_grad_()
+    k, v = randn(14, 2, 8, seed=1).requires_grad_(), randn(14, 2, 8, seed=2).requires_grad_()
+    whole, lse = kernels.varlen_attention_lse(q, k, v, cu, cu, causal=causal, backend='reference')
+    grad = randn(*whole.shape, seed=5)
+    whole.backward(grad)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    with torch.no_grad():
+        for keys, cu_k in blocks:
+            block = kernels.varlen_attention_lse_backward(grad, q, k[keys], v[keys], whole, lse, cu, cu_k,
+                                                          causal=causal, backend=backend)
+            dq += block[0]
+            dk[keys] += block[1]
+            dv[keys] += block[2]
+    for got, t in zip((dq, dk, dv), (q, k, v)):
+        close(got, t.grad)
+
+
+def test_sdpa_is_forward_only_and_says_so():
+    q = randn(4, 2, 8).requires_grad_()
+    with pytest.raises(ValueError, match='the sdpa backend is forward only'):
+        kernels.varlen_attention_lse(q, q, q, torch.tensor([0, 4]), torch.tensor([0, 4]), backend='sdpa')
+
+
 def test_no_tokens():
     empty = torch.zeros(0, 2, 8)
-    out, lse = kernels.varlen_attention_lse(empty, empty, empty, torch.tensor([0]), torch.tensor([0]))
-    assert out.shape == (0, 2, 8) and lse.shape == (0, 2)
+    for backend in ('reference', 'sdpa'):
+        out, lse = kernels.varlen_attention_lse(empty, empty, empty, torch.tensor([0]), torch.tensor([0]),
+                                                backend=backend)
+        assert out.shape == (0, 2, 8) and lse.shape == (0, 2)
 
 
 @pytest.mark.parametrize('change, message', [

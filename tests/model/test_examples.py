@@ -33,3 +33,23 @@ def test_megatron_example_trains_on_four_ranks_and_saves_a_peft_adapter(tmp_path
     from peft import PeftConfig
     config = PeftConfig.from_pretrained(tmp_path / 'saved')
     assert set(config.target_modules) == {'q_proj', 'k_proj', 'v_proj', 'o_proj'} and config.r == 8
+
+
+@pytest.mark.slow
+def test_long_context_example_at_cp2_repeats_the_one_process_losses(tmp_path):
+    """`make train CP_SIZE=2`, shortened: the same losses as one process, half the tokens per rank."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu', OMP_NUM_THREADS='1')
+    script, flags = str(ROOT / 'examples' / 'long_context.py'), ['--length', '300', '--steps', '2']
+    outputs = {}
+    for name, launcher in (('one', [sys.executable]), ('cp2', [sys.executable, '-m', 'torch.distributed.run',
+                                                                '--standalone', '--nproc_per_node=2'])):
+        extra = ['--cp-size', '2'] if name == 'cp2' else []
+        result = subprocess.run([*launcher, script, *flags, *extra], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = result.stdout
+    assert 'cp_size=2: 300 tokens per sequence, 150+ per rank' in outputs['cp2'], outputs['cp2']
+    losses = {name: [float(v) for v in text.split('loss per step: ')[1].splitlines()[0].split(', ')]
+              for name, text in outputs.items()}
+    assert len(losses['one']) == 2 and losses['cp2'] == pytest.approx(losses['one'], rel=1e-4), losses
+    assert outputs['cp2'].count(' MiB') == 2  # one peak per rank

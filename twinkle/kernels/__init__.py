@@ -10,7 +10,7 @@ from .rms_norm import TwinkleRMSNorm, rms_norm
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .rope import apply_rotary_pos_emb
 from .swiglu import TwinkleSwiGLUMLP, swiglu
-from .varlen_attention import varlen_attention, varlen_attention_lse
+from .varlen_attention import varlen_attention, varlen_attention_lse, varlen_attention_lse_backward
 from .moe import TwinkleMoeExperts, grouped_experts, moe_permute, moe_unpermute
 from .kernelize import kernelize  # noqa: E402  (after the ops it maps to)
 

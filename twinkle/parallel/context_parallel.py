@@ -14,20 +14,22 @@ computes exact causal attention of the whole sequences from those shards:
   in fp32, rounded once. With zigzag chunks (early chunk r, late chunk 2cp-1-r), the block from
   rank s is: causal on its own tokens (s = r), all queries against the early key chunks (s < r),
   the late query chunks against all keys (s > r): whole blocks, no token mask. The backward goes
-  around the same ring: K/V again, with their gradient accumulators following them home.
+  around the same ring: K/V again, with their gradient accumulators following them home; each
+  block's gradients come from the merged output and log-sum-exp (flash attention's backward).
 
-Ring blocks run on ``varlen_attention_lse`` (its reference), Ulysses alone on ``varlen_attention``
+Ring blocks run on ``varlen_attention_lse`` (torch's fused CPU flash kernel on CPU, no scores
+held; the reference elsewhere), Ulysses alone on ``varlen_attention``
 (SDPA on CPU, flash-attn on CUDA), so padded, packed and padded packed rows attend within their
 sequences only. Each exchange is a named collective.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from twinkle.kernels.varlen_attention import varlen_attention, varlen_attention_lse
+from twinkle.kernels.varlen_attention import varlen_attention, varlen_attention_lse, varlen_attention_lse_backward
 
 from .collectives import collective
 from .sequence_shards import SequenceShards
@@ -115,14 +117,18 @@ def _ulysses_swap(x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
     return received.permute(1, 2, 0, 3, 4).reshape(rows, length // ranks, ranks * heads, dim)
 
 
-def _ring_block(q, k, v, source: int, rank: int, cu, cu_half, first, second, scale):
-    """The queries of this rank's zigzag shard against rank ``source``'s keys: (rows of q it
-    touches or None for all, output, log-sum-exp)."""
+def _ring_block(source: int, rank: int, cu, cu_half, first, second):
+    """How this rank's zigzag queries meet rank ``source``'s keys: (query rows, key rows: None for
+    all, cu_seq_lens of those queries and keys, causal)."""
     if source == rank:
-        return (None, *varlen_attention_lse(q, k, v, cu, cu, causal=True, scale=scale))
+        return None, None, cu, cu, True
     if source < rank:  # its early chunks come before both of ours; its late ones after both
-        return (None, *varlen_attention_lse(q, k[first], v[first], cu, cu_half, scale=scale))
-    return (second, *varlen_attention_lse(q[second], k, v, cu_half, cu, scale=scale))  # only our late chunks see it
+        return None, first, cu, cu_half, False
+    return second, None, cu_half, cu, False  # only our late chunks see it
+
+
+def _rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if rows is None else t[rows]
 
 
 class _Ring:
@@ -162,8 +168,10 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         for step in range(ring.size):
             started = ring.start(kv, f'ring_attention_forward step {step}') if step < ring.size - 1 else None
-            rows, block_out, block_lse = _ring_block(q, kv[0], kv[1], (ring.rank - step) % ring.size, ring.rank,
-                                                     cu, cu_half, first, second, scale)
+            rows, keys, cu_q, cu_k, causal = _ring_block((ring.rank - step) % ring.size, ring.rank, cu, cu_half,
+                                                         first, second)
+            block_out, block_lse = varlen_attention_lse(_rows(q, rows), _rows(kv[0], keys), _rows(kv[1], keys),
+                                                        cu_q, cu_k, causal=causal, scale=scale)
             _merge(out, lse, rows, block_out, block_lse)
             if started is not None:
                 kv = _Ring.finish(started)
@@ -180,14 +188,19 @@ class _RingAttention(torch.autograd.Function):
         kv, grad_kv = torch.stack([k, v]), torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
         for step in range(ring.size):
             started = ring.start(kv, f'ring_attention_backward step {step}') if step < ring.size - 1 else None
-            block_q, block_k, block_v = (t.detach().requires_grad_() for t in (q, kv[0], kv[1]))
-            with torch.enable_grad():
-                rows, block_out, block_lse = _ring_block(block_q, block_k, block_v, (ring.rank - step) % ring.size,
-                                                         ring.rank, cu, cu_half, first, second, ctx.scale)
-                grads = _block_output_grads(rows, block_out, block_lse, out, lse, grad_out)
-                dq, dk, dv = torch.autograd.grad((block_out, block_lse), (block_q, block_k, block_v), grads)
-            grad_q += dq
-            grad_kv += torch.stack([dk, dv])
+            rows, keys, cu_q, cu_k, causal = _ring_block((ring.rank - step) % ring.size, ring.rank, cu, cu_half,
+                                                         first, second)
+            dq, dk, dv = varlen_attention_lse_backward(
+                _rows(grad_out, rows), _rows(q, rows), _rows(kv[0], keys), _rows(kv[1], keys), _rows(out, rows),
+                _rows(lse, rows), cu_q, cu_k, causal=causal, scale=ctx.scale)
+            if rows is None:
+                grad_q += dq.float()
+            else:
+                grad_q.index_add_(0, rows, dq.float())
+            if keys is None:
+                grad_kv += torch.stack([dk, dv]).float()
+            else:
+                grad_kv.index_add_(1, keys, torch.stack([dk, dv]).float())
             grad_kv = _Ring.finish(ring.start(grad_kv, f'ring_attention_backward grads step {step}', tag=1))
             if started is not None:
                 kv = _Ring.finish(started)
@@ -206,15 +219,6 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: Optional[torch.Tensor], b
         lse.copy_(new_lse)
     else:
         out[rows], lse[rows] = new_out, new_lse
-
-
-def _block_output_grads(rows, block_out, block_lse, out, lse, grad_out) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The merged output is sum_b w_b out_b with w_b = exp(lse_b - lse): its gradient reaches a
-    block's output as w_b grad_out and its log-sum-exp as w_b <grad_out, out_b - out>."""
-    if rows is not None:
-        out, lse, grad_out = out[rows], lse[rows], grad_out[rows]
-    weight = (block_lse - lse).exp()
-    return weight[..., None] * grad_out, weight * (grad_out * (block_out - out)).sum(-1)
 
 
 __all__ = ['context_parallel_attention', 'ulysses_kv_replicas']

@@ -32,8 +32,8 @@ registry.register(
         '*': ['sdpa', 'reference'],
     },
 )
-registry.register('varlen_attention_lse', ['reference'], {'*': ['reference']},
-                  package='twinkle.kernels.varlen_attention')
+registry.register('varlen_attention_lse', {'reference': 'reference', 'sdpa': Impl('sdpa', devices=('cpu',))},
+                  {'cpu': ['sdpa', 'reference'], '*': ['reference']}, package='twinkle.kernels.varlen_attention')
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, *,
@@ -84,7 +84,9 @@ def varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     (``k``/``v`` ``(total_k, kv_heads, dim)``); ``causal``: query slot t sees key slots <= t.
     Returns the output ``(total_q, heads, dim)`` and the log-sum-exp of the scaled scores
     ``(total_q, heads)``, both fp32 (partials are merged before rounding); ``-inf`` / 0 for a
-    query with no key to see. Differentiable in q, k, v through both outputs."""
+    query with no key to see. The reference is differentiable in q, k, v through both outputs;
+    the fused ``sdpa`` backend (CPU) is forward only: blocks of a split attention take their
+    gradients from ``varlen_attention_lse_backward``, as flash attention does."""
     require_tensor('q', q, floating=True, dims=(3,))
     require_tensor('k', k, floating=True, dims=(3,))
     require_tensor('v', v, floating=True, dims=(3,))
@@ -109,10 +111,33 @@ def varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     scale = q.shape[2] ** -0.5 if scale is None else scale
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f'scale must be a positive finite number, got {scale!r}')
-    return registry.resolve('varlen_attention_lse', backend, q.device)(
-        q, k, v, cu_seq_lens_q, cu_seq_lens_k, bool(causal), float(scale))
+    implementation = registry.resolve('varlen_attention_lse', backend, q.device)
+    if implementation.__module__.endswith('.sdpa') and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v)):
+        raise ValueError('varlen_attention_lse: the sdpa backend is forward only (its gradients come from '
+                         'varlen_attention_lse_backward); pass backend="reference" to differentiate it directly')
+    return implementation(q, k, v, cu_seq_lens_q, cu_seq_lens_k, bool(causal), float(scale))
+
+
+def varlen_attention_lse_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, cu_seq_lens_q: torch.Tensor,
+                                  cu_seq_lens_k: torch.Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                                  backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one block of ``varlen_attention_lse`` whose partial result was merged into
+    ``out`` ``(total_q, heads, dim)`` and ``lse`` ``(total_q, heads)``, the final output and
+    log-sum-exp of its queries, given ``grad_out``, the gradient of that final output. Summed over
+    the blocks, they are the gradients of the whole attention. Arguments as ``varlen_attention_lse``."""
+    for name, tensor, shape in (('grad_out', grad_out, q.shape), ('out', out, q.shape), ('lse', lse, q.shape[:2])):
+        require_tensor(name, tensor, floating=True)
+        require_size(name, tuple(tensor.shape), tuple(shape), 'shape')
+    require_same_device('q', q, grad_out=grad_out, out=out, lse=lse)
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    implementation = registry.resolve('varlen_attention_lse', backend, q.device, variant='backward')
+    return tuple(implementation(grad_out, q, k, v, out, lse, cu_seq_lens_q, cu_seq_lens_k, bool(causal),
+                                float(scale)))
 
 
 from .hf_attention import HF_ATTENTION_NAME, register_hf_attention  # noqa: E402  (uses the op above)
 
-__all__ = ['HF_ATTENTION_NAME', 'register_hf_attention', 'varlen_attention', 'varlen_attention_lse']
+__all__ = ['HF_ATTENTION_NAME', 'register_hf_attention', 'varlen_attention', 'varlen_attention_lse',
+           'varlen_attention_lse_backward']

@@ -74,3 +74,18 @@ def _varlen_attention_lse_fake(q, k, v, cu_seq_lens_q, cu_seq_lens_k, causal, sc
 
 
 varlen_attention_lse = reference_op('varlen_attention_lse', _varlen_attention_lse, fake=_varlen_attention_lse_fake)
+
+
+def varlen_attention_lse_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, cu_seq_lens_q: torch.Tensor,
+                                  cu_seq_lens_k: torch.Tensor, causal: bool, scale: float):
+    """The block's share of dq, dk, dv when its partial result was merged into ``out`` / ``lse``
+    (the final output and log-sum-exp of its queries): the merge's gradient reaches the block's
+    output as w grad_out and its log-sum-exp as w <grad_out, out_b - out>, w = exp(lse_b - lse);
+    autograd of the block does the rest."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        block_out, block_lse = _varlen_attention_lse(*leaves, cu_seq_lens_q, cu_seq_lens_k, causal, scale)
+        weight = (block_lse - lse).exp()
+        grads = (weight[..., None] * grad_out, weight * (grad_out * (block_out - out)).sum(-1))
+        return torch.autograd.grad((block_out, block_lse), leaves, grads, allow_unused=True)
