@@ -25,7 +25,7 @@ CASES: Dict[str, Tuple[int, List[List[int]], int, int]] = {
     'padded_packed': (11, [[5, 1, 3], [11]], 4, 2),
     'one_kv_head': (24, [[1, 9, 3, 7]], 4, 1),  # fewer kv heads than ulysses ranks: replicated
 }
-LAYOUTS = {2: [(1, 2), (2, 1)], 4: [(2, 2)]}  # world size -> (cp, ulysses)
+LAYOUTS = {2: [(1, 2), (2, 1)], 4: [(2, 2), (4, 1)]}  # world size -> (cp, ulysses); cp=4: gradients travel 3 hops
 DIM = 8
 
 

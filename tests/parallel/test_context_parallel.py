@@ -1,4 +1,4 @@
-"""Context parallelism's attention on gloo: ulysses=2, cp=2 (2 ranks) and ulysses=2 x cp=2 (4 ranks),
+"""Context parallelism's attention on gloo: ulysses=2, cp=2 (2 ranks), ulysses=2 x cp=2 and cp=4 (4 ranks),
 on padded, packed and padded packed rows with a 1-token sequence (shorter than the shards) and
 sequences crossing the zigzag chunk boundaries. The shards' outputs and q/k/v gradients,
 reassembled, equal one process's attention over the whole sequences (1e-5 of scale); each rank

@@ -14,7 +14,7 @@ computes exact causal attention of the whole sequences from those shards:
   in fp32, rounded once. With zigzag chunks (early chunk r, late chunk 2cp-1-r), the block from
   rank s is: causal on its own tokens (s = r), all queries against the early key chunks (s < r),
   the late query chunks against all keys (s > r): whole blocks, no token mask. The backward goes
-  around the same ring: K/V again, with their gradient accumulators following them home; each
+  around the same ring: K/V again, and the gradients of their keys follow them home (cp - 1 hops); each
   block's gradients come from the merged output and log-sum-exp (flash attention's backward).
 
 Ring blocks run on ``varlen_attention_lse`` (torch's fused CPU flash kernel on CPU, no scores
@@ -181,11 +181,14 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """Own block first: its key gradients stay home. The gradients of each other rank's keys
+        start where they are first computed and follow the K/V around the ring, arriving home
+        after cp - 1 hops (one per step, overlapped with the next block), the fewest possible."""
         q, k, v, out, lse, cu, cu_half, first, second = ctx.saved_tensors
         ring = _Ring(ctx.group)
         grad_out = grad_out.float()
         grad_q = torch.zeros_like(q, dtype=torch.float32)
-        kv, grad_kv = torch.stack([k, v]), torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
+        kv, travelling, grad_home = torch.stack([k, v]), None, None
         for step in range(ring.size):
             started = ring.start(kv, f'ring_attention_backward step {step}') if step < ring.size - 1 else None
             rows, keys, cu_q, cu_k, causal = _ring_block((ring.rank - step) % ring.size, ring.rank, cu, cu_half,
@@ -197,14 +200,20 @@ class _RingAttention(torch.autograd.Function):
                 grad_q += dq.float()
             else:
                 grad_q.index_add_(0, rows, dq.float())
+            grad_kv = (_Ring.finish(travelling) if step > 1 else
+                       torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device))
             if keys is None:
                 grad_kv += torch.stack([dk, dv]).float()
             else:
                 grad_kv.index_add_(1, keys, torch.stack([dk, dv]).float())
-            grad_kv = _Ring.finish(ring.start(grad_kv, f'ring_attention_backward grads step {step}', tag=1))
+            if step == 0:
+                grad_home = grad_kv
+            else:
+                travelling = ring.start(grad_kv, f'ring_attention_backward grads step {step}', tag=1)
             if started is not None:
                 kv = _Ring.finish(started)
-        return (grad_q.to(q.dtype), grad_kv[0].to(k.dtype), grad_kv[1].to(v.dtype),
+        grad_home += _Ring.finish(travelling)
+        return (grad_q.to(q.dtype), grad_home[0].to(k.dtype), grad_home[1].to(v.dtype),
                 None, None, None, None, None, None)
 
 
