@@ -5,6 +5,8 @@ Tokens go through ``chunk_size`` rows at a time: the chunk's logits ``h_c @ W.T 
 one fp32 buffer of chunk_size x V, a *step* turns that buffer in place into the gradient of the
 loss with respect to the logits (returning each row's loss), then ``dH_c = G @ W`` and
 ``dW += G.T @ h_c``. That buffer is the only V-wide tensor, so memory never grows with N x V.
+The loop itself (``head_chunks``) knows nothing of cross-entropy: ``fused_linear_logprobs`` runs
+its own steps through it.
 
 Ignored tokens are dropped before the loop: they have neither loss nor gradient, so masked
 prompt tokens cost nothing.
@@ -65,16 +67,16 @@ def torch_chunk_step(logits: torch.Tensor, labels: torch.Tensor, want_grad: bool
     return loss.squeeze(1)
 
 
-def chunk_rows(weight: torch.Tensor, softcap: Optional[float], max_rows: Union[int, Callable[[], int]],
+def chunk_rows(weight: torch.Tensor, fp32_buffers: int, max_rows: Union[int, Callable[[], int]],
                budget_bytes: int) -> int:
     """Rows per chunk: ``max_rows`` (where the per-chunk GEMMs reach full-GEMM speed) unless the
-    chunk's V-wide buffers -- fp32 logits, the low-precision GEMM output when the weight is not
-    fp32, a second fp32 buffer for the softcap -- would exceed ``budget_bytes``. Multiples of
-    16 rows (whole GEMM register tiles); ``chunked_pass`` evens it out over the tokens there are.
-    ``max_rows`` may be a function, read at each call (the CPU knee moves with the thread count)."""
+    chunk's V-wide buffers -- ``fp32_buffers`` fp32 ones (the logits, one more for a softcap's
+    tanh), the low-precision GEMM output when the weight is not fp32 -- would exceed
+    ``budget_bytes``. Multiples of 16 rows (whole GEMM register tiles); ``head_chunks`` evens it
+    out over the tokens there are. ``max_rows`` may be a function, read at each call (the CPU
+    knee moves with the thread count)."""
     max_rows = max_rows() if callable(max_rows) else max_rows
-    per_logit = 4 + (4 if softcap is not None else 0) + (0 if weight.dtype == torch.float32
-                                                          else weight.element_size())
+    per_logit = 4 * fp32_buffers + (0 if weight.dtype == torch.float32 else weight.element_size())
     rows = min(max_rows, max(1, budget_bytes // (max(weight.shape[0], 1) * per_logit)))
     if rows > 16:
         rows -= rows % 16
@@ -92,29 +94,36 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, staging: Optio
         out.copy_(staged)
 
 
-def _even_chunks(chunk_size: int, count: int) -> int:
+def even_chunks(chunk_size: int, count: int) -> int:
     """The same number of chunks, of equal rows: 960 tokens at 512 rows run as 2 x 480, not 512 +
     448 -- no short last chunk whose GEMMs run below full speed."""
     chunks = max(1, -(-count // max(chunk_size, 1)))
     return max(1, -(-count // chunks))
 
 
-def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-                 rows: Optional[torch.Tensor], *, step: ChunkStep, chunk_size: int, label_smoothing: float,
-                 softcap: Optional[float], grad_scale: Union[None, float, torch.Tensor] = None,
-                 wanted: Wanted = (False, False, False)) -> Tuple[torch.Tensor, Grads]:
-    """Loss per token (fp32, 0 where ignored) and, when ``grad_scale`` (a number or one per
-    token) is given, the ``wanted`` gradients of ``sum(grad_scale * loss)`` for (hidden, weight,
-    bias); those of weight and bias stay fp32. ``rows`` lists the tokens to compute (None: all)."""
+Index = Union[slice, torch.Tensor]
+# visit(index, logits fp32 rows x V) -> the (rows, 1) scale of the gradient it left in ``logits`` when
+# gradients are wanted (None otherwise): the host scales the small rows x H GEMM operands, not the buffer.
+ChunkVisit = Callable[[Index, torch.Tensor], Optional[torch.Tensor]]
+
+
+def head_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                rows: Optional[torch.Tensor], chunk_size: int, visit: ChunkVisit,
+                wanted: Wanted = (False, False, False)) -> Grads:
+    """The loop of every op on an LM head (this one, ``fused_linear_logprobs``): the ``rows`` of
+    hidden (None: all) go ``chunk_size`` at a time through one fp32 buffer holding the chunk's
+    logits ``h_c @ W.T (+ b)``, which ``visit`` reads (and, when gradients are wanted, overwrites
+    with the gradient of the chunk's result w.r.t. those logits). Returns the ``wanted``
+    gradients (hidden, weight, bias) of everything the visits left, scaled by the scale each
+    returned; those of weight and bias are fp32, None where not wanted."""
     count = hidden.shape[0] if rows is None else rows.numel()
-    want_hidden, want_weight, want_bias = wanted if grad_scale is not None else (False, False, False)
-    loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    want_hidden, want_weight, want_bias = wanted
     d_hidden = torch.zeros_like(hidden) if want_hidden else None
     # dW's first chunk is written, not added: no 4 x V x H bytes of zeros to lay down first
     d_weight = (torch.empty if count else torch.zeros)(weight.shape, dtype=torch.float32,
                                                        device=weight.device) if want_weight else None
     d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
-    chunk_size = _even_chunks(chunk_size, count)
+    chunk_size = even_chunks(chunk_size, count)
     buffer = torch.empty(chunk_size, weight.shape[0], dtype=torch.float32, device=hidden.device)
     staging = None if weight.dtype == torch.float32 else torch.empty_like(buffer, dtype=weight.dtype)
     for start in range(0, count, chunk_size):
@@ -125,11 +134,7 @@ def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         _mm_into(logits, chunk_hidden, weight.t(), staging)
         if bias is not None:
             logits.add_(bias)
-        loss[index] = step(logits, labels[index], want_hidden or want_weight or want_bias, label_smoothing, softcap)
-        if grad_scale is None:
-            continue
-        scale = (grad_scale[index].float().unsqueeze(1) if isinstance(grad_scale, torch.Tensor)
-                 else torch.full((stop - start, 1), grad_scale, device=hidden.device))
+        scale = visit(index, logits)
         if want_hidden:
             grad_logits = logits if staging is None else staging[:stop - start].copy_(logits)
             d_hidden[index] = (grad_logits @ weight).mul_(scale)
@@ -141,10 +146,31 @@ def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                 d_weight.addmm_(logits.t(), scaled_hidden)
         if want_bias:
             d_bias.addmv_(logits.t(), scale.squeeze(1))
-    return loss, (d_hidden, d_weight, d_bias)
+    return d_hidden, d_weight, d_bias
 
 
-def _valid_rows(labels: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch.Tensor], int]:
+def chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                 rows: Optional[torch.Tensor], *, step: ChunkStep, chunk_size: int, label_smoothing: float,
+                 softcap: Optional[float], grad_scale: Union[None, float, torch.Tensor] = None,
+                 wanted: Wanted = (False, False, False)) -> Tuple[torch.Tensor, Grads]:
+    """Loss per token (fp32, 0 where ignored) and, when ``grad_scale`` (a number or one per
+    token) is given, the ``wanted`` gradients of ``sum(grad_scale * loss)`` for (hidden, weight,
+    bias); those of weight and bias stay fp32. ``rows`` lists the tokens to compute (None: all)."""
+    wanted = wanted if grad_scale is not None else (False, False, False)
+    want_grad = any(wanted)
+    loss = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+
+    def visit(index, logits):
+        loss[index] = step(logits, labels[index], want_grad, label_smoothing, softcap)
+        if grad_scale is None:
+            return None
+        return (grad_scale[index].float().unsqueeze(1) if isinstance(grad_scale, torch.Tensor)
+                else torch.full((logits.shape[0], 1), grad_scale, device=hidden.device))
+
+    return loss, head_chunks(hidden, weight, bias, rows, chunk_size, visit, wanted)
+
+
+def valid_rows(labels: torch.Tensor, ignore_index: int) -> Tuple[Optional[torch.Tensor], int]:
     """Indices of the tokens that count (None when all do: chunks are then plain slices). The
     count is read to the host: it sizes the loop (once per call, inside the op)."""
     valid = labels != ignore_index
@@ -169,11 +195,12 @@ class Passes(NamedTuple):
 def chunked_passes(step: ChunkStep, max_rows: Union[int, Callable[[], int]], budget_bytes: int) -> Passes:
     """The passes of a backend built on this loop: its per-chunk ``step`` and chunk sizing."""
     def options(weight, label_smoothing, softcap, chunk_size):
-        return dict(step=step, chunk_size=chunk_size or chunk_rows(weight, softcap, max_rows, budget_bytes),
+        buffers = 1 if softcap is None else 2  # the logits, and tanh's for a softcap
+        return dict(step=step, chunk_size=chunk_size or chunk_rows(weight, buffers, max_rows, budget_bytes),
                     label_smoothing=label_smoothing, softcap=softcap)
 
     def forward(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, softcap, chunk_size, wanted):
-        rows, count = _valid_rows(labels, ignore_index)
+        rows, count = valid_rows(labels, ignore_index)
         settings = options(weight, label_smoothing, softcap, chunk_size)
         if reduction == 'none':
             loss, _ = chunked_pass(hidden, weight, bias, labels, rows, **settings)
@@ -184,7 +211,7 @@ def chunked_passes(step: ChunkStep, max_rows: Union[int, Callable[[], int]], bud
 
     def unreduced_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
                            chunk_size, wanted):
-        rows, _ = _valid_rows(labels, ignore_index)
+        rows, _ = valid_rows(labels, ignore_index)
         _, grads = chunked_pass(hidden, weight, bias, labels, rows, grad_scale=grad_loss, wanted=wanted,
                                 **options(weight, label_smoothing, softcap, chunk_size))
         return grads
