@@ -25,7 +25,8 @@ import report
 
 from twinkle.backends import FAMILIES
 
-OPS = ('rms_norm', 'swiglu', 'rope', 'fused_linear_cross_entropy', 'moe')  # each has a bench_<op>.py
+OPS = ('rms_norm', 'swiglu', 'rope', 'fused_linear_cross_entropy', 'fused_linear_logprobs',
+       'moe')  # each has a bench_<op>.py
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
