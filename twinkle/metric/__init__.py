@@ -106,4 +106,42 @@ class TrainMetric(Metric):
         self.started = time.perf_counter()
 
 
-__all__ = ['Accuracy', 'LossMetric', 'Metric', 'TrainMetric']
+class CompletionRewardMetric(Metric):
+    """Sampled completions of an RL step: mean / std / min / max of each named reward and of the
+    completion lengths (tokens). The seeds call ``accumulate(completion_lengths=, rewards={name:
+    list})`` and ``calculate()``; ``update``/``compute`` are the same for the Metric protocol."""
+
+    def __init__(self):
+        self.reset()
+
+    def accumulate(self, inputs: Any = None, outputs: Any = None, *, completion_lengths=None,
+                   rewards: Optional[Dict[str, Any]] = None, **_: Any) -> None:
+        lengths = [] if completion_lengths is None else [float(n) for n in completion_lengths]
+        columns = {name: [float(v) for v in values] for name, values in (rewards or {}).items()}
+        for name, values in columns.items():  # all checked before any is kept: no half-recorded step
+            if lengths and len(values) != len(lengths):
+                raise ValueError(f'rewards[{name!r}] has {len(values)} values for {len(lengths)} completion_lengths')
+        for name, values in columns.items():
+            self.rewards.setdefault(name, []).extend(values)
+        self.lengths.extend(lengths)
+
+    update = accumulate
+
+    def calculate(self) -> Dict[str, float]:
+        figures: Dict[str, float] = {}
+        for name, values in [('completion_length', self.lengths)] + [(f'reward/{k}', v) for k, v in self.rewards.items()]:
+            if values:
+                column = torch.tensor(values, dtype=torch.float64)
+                figures.update({f'{name}/mean': column.mean().item(), f'{name}/min': column.min().item(),
+                                f'{name}/max': column.max().item(),
+                                f'{name}/std': column.std().item() if len(values) > 1 else 0.0})
+        return figures
+
+    compute = calculate
+
+    def reset(self) -> None:
+        self.lengths: list = []
+        self.rewards: Dict[str, list] = {}
+
+
+__all__ = ['Accuracy', 'CompletionRewardMetric', 'LossMetric', 'Metric', 'TrainMetric']
