@@ -239,7 +239,7 @@ def _plot_ratio(case: dict, name: str, key: str, baseline: str) -> float:
 def render_training(paths: Iterable[Path]) -> str:
     """Whole-job benchmarks (bench_packing.py, bench_expert_parallel.py): a section per results file."""
     renderers = {'packing': _render_packing, 'expert_parallel': _render_expert_parallel,
-                 'megatron_memory': _render_megatron_memory}
+                 'megatron_memory': _render_megatron_memory, 'context_parallel': _render_context_parallel}
     sections = []
     for path in map(Path, paths):
         kind = path.stem.replace('-quick', '')
@@ -298,3 +298,31 @@ def _render_expert_parallel(name: str, result: dict) -> str:
         f'padding, no duplicates); target 1.0.', '',
         '| rank | all experts local (ms) | EP=2 (ms) | dispatch sent (MiB) | minimum (MiB) | ratio |',
         '|---|---|---|---|---|---|', *rows, ''])
+
+
+def _render_context_parallel(name: str, result: dict) -> str:
+    rows = []
+    for model, measured in result['models'].items():
+        for label, layout in measured['layouts'].items():
+            for rank, r in enumerate(layout['ranks']):
+                sent, minimum = r['sent_bytes'], r['minimum_bytes']
+                exchanged = ', '.join(f'{kind} {sent[kind] / 2**20:.1f} / {minimum[kind] / 2**20:.1f} = '
+                                      f'{r["bytes_ratio"][kind]:.3f}' for kind in sent if minimum[kind])
+                rows.append(f'| {model} | {label}{f", rank {rank}" if layout["nproc"] > 1 else ""} | '
+                            f'{r["step_peak_bytes"] / 2**20:.0f} | {r["step_peak_ratio"]:.2f} | '
+                            f'{r["saved_activation_bytes"] / 2**20:.0f} | {r["saved_ratio"]:.2f} | '
+                            f'{r["wall_s"]:.1f} | {exchanged or "-"} |')
+    wide = next(m['config'] for m in result['models'].values() if isinstance(m['config'], dict))
+    return '\n'.join([
+        f'## Context parallelism, peak memory and bytes per rank ({name})', '',
+        f'![{name}](results/training/{name}.png)', '',
+        f'{result["date"]}, torch {result["torch"]}, CPU gloo, fp32, one thread per rank, load average '
+        f'{result["load_average"]} at the end. TransformersModel + AdamW (FSDP2 over the sequence ranks), one '
+        f'{result["tokens"]}-token sequence per step; tiny: the embedded tiny Qwen3 (hidden 64, vocab 151936); '
+        f'wide: a random Qwen3, hidden {wide["hidden_size"]}, {wide["num_hidden_layers"]} layers, vocab '
+        f'{wide["vocab_size"]}. Peak: VmHWM of a training step (after a warm-up step) above the resident set '
+        f'before it; target <= 0.6 of one process at cp=2. Saved: bytes autograd holds for backward (parameters '
+        f'left out). Bytes: sent to other ranks in one forward + backward / the minimum (MiB; formulas in '
+        f'bench_context_parallel.py), target 1.0.', '',
+        '| model | layout | step peak MiB | ÷ one | saved MiB | ÷ one | step s | sent / minimum MiB |',
+        '|---|---|---|---|---|---|---|---|', *rows, ''])
