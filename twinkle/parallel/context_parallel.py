@@ -17,10 +17,9 @@ computes exact causal attention of the whole sequences from those shards:
   around the same ring: K/V again, and the gradients of their keys follow them home (cp - 1 hops); each
   block's gradients come from the merged output and log-sum-exp (flash attention's backward).
 
-Ring blocks run on ``varlen_attention_lse`` (torch's fused CPU flash kernel on CPU, no scores
-held; the reference elsewhere), Ulysses alone on ``varlen_attention``
-(SDPA on CPU, flash-attn on CUDA), so padded, packed and padded packed rows attend within their
-sequences only. Each exchange is a named collective.
+Ring blocks (and Ulysses alone, as a ring of one) run on ``varlen_attention_lse`` (torch's fused
+CPU flash kernel on CPU, no scores held; the reference elsewhere), so padded, packed and padded
+packed rows attend within their sequences only. Each exchange is a named collective.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from twinkle.kernels.varlen_attention import varlen_attention, varlen_attention_lse, varlen_attention_lse_backward
+from twinkle.kernels.varlen_attention import varlen_attention_lse, varlen_attention_lse_backward
 
 from .collectives import collective
 from .sequence_shards import SequenceShards
@@ -59,11 +58,9 @@ def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: to
         query, key, value = (_UlyssesAllToAll.apply(t, ulysses_group, True) for t in (query, key, value))
     rows, length = query.shape[:2]
     q, k, v = (t.reshape(rows * length, *t.shape[2:]) for t in (query, key, value))
-    if cp > 1:
-        out = _RingAttention.apply(q, k, v, shards.cu_seq_lens, shards.cu_half, shards.first, shards.second,
-                                   float(scale), cp_group)
-    else:
-        out = varlen_attention(q, k, v, shards.cu_seq_lens, causal=True, scale=scale, max_seqlen=shards.max_length)
+    # cp = 1 too: one block through the fused lse kernel holds no scores (varlen_attention's CPU sdpa would)
+    out = _RingAttention.apply(q, k, v, shards.cu_seq_lens, shards.cu_half, shards.first, shards.second,
+                               float(scale), cp_group)
     out = out.to(query.dtype).reshape(rows, length, *out.shape[1:])
     return _UlyssesAllToAll.apply(out, ulysses_group, False) if ulysses > 1 else out
 
@@ -135,7 +132,11 @@ class _Ring:
     """Sends to the next rank of ``group`` and receives from the previous one, overlapped with compute."""
 
     def __init__(self, group):
-        self.group, self.rank, self.size = group, dist.get_rank(group), dist.get_world_size(group)
+        """``group`` None: a ring of one (Ulysses alone), which never exchanges."""
+        self.group, self.rank, self.size = group, 0, 1
+        if group is None:
+            return
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.previous = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
@@ -212,7 +213,8 @@ class _RingAttention(torch.autograd.Function):
                 travelling = ring.start(grad_kv, f'ring_attention_backward grads step {step}', tag=1)
             if started is not None:
                 kv = _Ring.finish(started)
-        grad_home += _Ring.finish(travelling)
+        if travelling is not None:
+            grad_home += _Ring.finish(travelling)
         return (grad_q.to(q.dtype), grad_home[0].to(k.dtype), grad_home[1].to(v.dtype),
                 None, None, None, None, None, None)
 
