@@ -6,7 +6,8 @@ count of all micro-batches (and ranks), instead of averaging per-batch means.
 """
 from .base import Loss, shifted_labels
 from .cross_entropy import ChunkedCrossEntropyLoss, CrossEntropyLoss
+from .policy_gradient import CISPOLoss, GRPOLoss, GSPOLoss
 
-LOSSES = {cls.__name__: cls for cls in (CrossEntropyLoss, ChunkedCrossEntropyLoss)}
+LOSSES = {cls.__name__: cls for cls in (CrossEntropyLoss, ChunkedCrossEntropyLoss, GRPOLoss, GSPOLoss, CISPOLoss)}
 
-__all__ = ['ChunkedCrossEntropyLoss', 'CrossEntropyLoss', 'LOSSES', 'Loss', 'shifted_labels']
+__all__ = ['CISPOLoss', 'ChunkedCrossEntropyLoss', 'CrossEntropyLoss', 'GRPOLoss', 'GSPOLoss', 'LOSSES', 'Loss', 'shifted_labels']

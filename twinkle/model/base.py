@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from twinkle.loss import LOSSES, Loss
+from twinkle.loss.token_inputs import hand_out, token_inputs
 from twinkle.model.optim import build_optimizer, build_scheduler
 from twinkle.model.train_state import TrainState
 from twinkle.parallel import all_reduce_sum, collective, scale_gradients_
@@ -109,15 +110,19 @@ class TwinkleModel(abc.ABC):
         return outputs
 
     def forward_backward(self, inputs, adapter_name: Optional[str] = None,
-                         micro_batch_size: Optional[int] = None) -> Dict[str, float]:
+                         micro_batch_size: Optional[int] = None, **loss_inputs) -> Dict[str, float]:
         """One step of gradient accumulation over ``inputs``: forward, loss sum, backward.
 
         ``micro_batch_size`` (samples) runs a list of samples as several micro-batches in this one
-        call -- the same gradients, less activation memory (and what a pipeline schedule needs)."""
+        call -- the same gradients, less activation memory (and what a pipeline schedule needs).
+        ``loss_inputs`` (RL losses: ``old_logps``, ``advantages``, ``ref_logps``) are per-sample
+        lists, laid onto the trained tokens of each micro-batch (``twinkle.loss.token_inputs``)."""
         state = self._state(adapter_name)
         self._ensure_parallel()
         self._train_mode(True)
         batches = [batch for chunk in _split(inputs, micro_batch_size) for batch in self._batches(chunk)]
+        if loss_inputs:
+            hand_out(token_inputs(inputs, loss_inputs), batches)
         loss_total, tokens_total = 0.0, 0
         for batch, outputs, loss_sum, num_tokens in self._forward_backward_batches(batches, state):
             for metric in state.train_metrics:
