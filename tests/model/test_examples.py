@@ -53,3 +53,15 @@ def test_long_context_example_at_cp2_repeats_the_one_process_losses(tmp_path):
               for name, text in outputs.items()}
     assert len(losses['one']) == 2 and losses['cp2'] == pytest.approx(losses['one'], rel=1e-4), losses
     assert outputs['cp2'].count(' MiB') == 2  # one peak per rank
+
+
+def test_grpo_example_runs_five_steps_with_rewards_and_losses(tmp_path):
+    """`make train JOB=grpo`: sampler, rewards, advantages, GRPO loss and weight sync, 5 steps."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TWINKLE_DEVICE='cpu')
+    result = subprocess.run([sys.executable, str(ROOT / 'examples' / 'grpo.py'), '--reward', 'toy', '--steps', '5'],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('[Step ') == 5, result.stdout
+    rewards = [float(v) for v in result.stdout.split('rewards per step: ')[1].split(', ')]
+    assert len(rewards) == 5 and all(0.0 <= r <= 1.0 for r in rewards)
+    assert 'sync_weights: adapter' in result.stderr

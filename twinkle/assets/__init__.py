@@ -62,6 +62,12 @@ def self_cognition_path() -> str:
     return str(Path(__file__).with_name('data') / 'self_cognition.jsonl')
 
 
+def gsm8k_path() -> str:
+    """The shipped GSM8K-style jsonl (24 handwritten grade-school problems, ``question`` / ``answer``
+    ending in ``#### <number>``), the RL example's prompts."""
+    return str(Path(__file__).with_name('data') / 'gsm8k_tiny.jsonl')
+
+
 def cache_dir() -> Path:
     return cache.entry('assets')
 
