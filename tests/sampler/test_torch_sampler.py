@@ -96,3 +96,8 @@ def test_bad_prompts_are_named(sampler):
         sampler.sample([{'text': 'x'}], SamplingParams())
     with pytest.raises(ValueError, match='sampling_params must be'):
         sampler.sample(PROMPTS, {'max_tokens': 3})
+
+
+def test_unknown_template_name_is_refused(sampler):
+    with pytest.raises(ValueError, match="unknown template 'Llama9Template'"):
+        sampler.set_template('Llama9Template')

@@ -67,12 +67,8 @@ class TwinkleModel(abc.ABC):
         self._state(adapter_name).loss = loss_cls(**kwargs) if isinstance(loss_cls, type) else loss_cls
 
     def set_template(self, template='Template', **kwargs) -> None:
-        from twinkle.template import Template
-        if isinstance(template, (str, type)):
-            template_cls = Template if isinstance(template, str) else template
-            kwargs.setdefault('model_id', self.model_id)
-            template = template_cls(**kwargs)
-        self.template = template
+        from twinkle.template import build_template
+        self.template = build_template(template, self.model_id, **kwargs)
 
     def set_processor(self, processor='InputProcessor', **kwargs) -> None:
         from twinkle.processor import InputProcessor

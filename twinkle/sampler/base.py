@@ -16,12 +16,8 @@ class Sampler:
     model_id: Optional[str] = None
 
     def set_template(self, template='Template', **kwargs) -> None:
-        from twinkle.template import Template
-        if isinstance(template, (str, type)):
-            template_cls = Template if isinstance(template, str) else template
-            kwargs.setdefault('model_id', self.model_id)
-            template = template_cls(**kwargs)
-        self.template = template
+        from twinkle.template import build_template
+        self.template = build_template(template, self.model_id, **kwargs)
 
     def sample(self, prompts, sampling_params: Optional[SamplingParams] = None, adapter_name: Optional[str] = None,
                adapter_uri: Optional[str] = None) -> List[SampleResponse]:
@@ -36,6 +32,13 @@ class Sampler:
         """Forget cached prompt prefixes (their K/V are stale after a weight sync)."""
 
     # -- shared ------------------------------------------------------------------------------------
+    @staticmethod
+    def _params(sampling_params: Optional[SamplingParams]) -> SamplingParams:
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f'sampling_params must be a SamplingParams, got {type(params).__name__}')
+        return params
+
     def _prompt_ids(self, prompts: Sequence[Mapping[str, Any]]) -> List[List[int]]:
         if isinstance(prompts, Mapping) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError('prompts must be a non-empty list of trajectories or encoded features')

@@ -93,9 +93,7 @@ class TorchSampler(Sampler):
     # -- sampling ---------------------------------------------------------------------------------
     def sample(self, prompts, sampling_params: Optional[SamplingParams] = None, adapter_name: Optional[str] = None,
                adapter_uri: Optional[str] = None) -> List[SampleResponse]:
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f'sampling_params must be a SamplingParams, got {type(params).__name__}')
+        params = self._params(sampling_params)
         prompt_ids = self._prompt_ids(prompts)
         rows = [ids for ids in prompt_ids for _ in range(params.num_samples)]
         generator = torch.Generator(device=self.device)

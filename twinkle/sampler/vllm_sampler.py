@@ -49,9 +49,7 @@ class vLLMSampler(Sampler):  # noqa: N801  (the seeds' name)
 
     def sample(self, prompts, sampling_params: Optional[SamplingParams] = None, adapter_name: Optional[str] = None,
                adapter_uri: Optional[str] = None) -> List[SampleResponse]:
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f'sampling_params must be a SamplingParams, got {type(params).__name__}')
+        params = self._params(sampling_params)
         prompt_ids = self._prompt_ids(prompts)
         request = self._lora_request(adapter_name, adapter_uri)
         vllm_params = self.vllm.SamplingParams(

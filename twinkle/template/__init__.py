@@ -8,5 +8,19 @@ from .features import FEATURE_KEYS, IGNORE_INDEX, InputFeature, Message, Traject
 
 TEMPLATES = {'Template': Template, 'Qwen3Template': Template, 'Qwen3_5Template': Template}
 
+
+def build_template(template='Template', model_id=None, **kwargs):
+    """What ``set_template(template, **kwargs)`` holds: a name from ``TEMPLATES``, a class (built for
+    ``model_id`` unless kwargs name another) or a ready instance."""
+    if isinstance(template, str):
+        if template not in TEMPLATES:
+            raise ValueError(f'unknown template {template!r}; valid: {", ".join(TEMPLATES)} (or a Template class)')
+        template = TEMPLATES[template]
+    if isinstance(template, type):
+        if 'tokenizer' not in kwargs:
+            kwargs.setdefault('model_id', model_id)
+        template = template(**kwargs)
+    return template
+
 __all__ = ['FEATURE_KEYS', 'IGNORE_INDEX', 'InputFeature', 'Message', 'TEMPLATES', 'TRUNCATION_STRATEGIES',
-           'Template', 'Trajectory', 'columns_of', 'load_tokenizer', 'rows_of']
+           'Template', 'Trajectory', 'build_template', 'columns_of', 'load_tokenizer', 'rows_of']
