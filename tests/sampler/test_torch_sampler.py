@@ -101,3 +101,8 @@ def test_bad_prompts_are_named(sampler):
 def test_unknown_template_name_is_refused(sampler):
     with pytest.raises(ValueError, match="unknown template 'Llama9Template'"):
         sampler.set_template('Llama9Template')
+
+
+def test_set_template_takes_the_seeds_model_id_keyword(sampler):
+    sampler.set_template('Qwen3_5Template', model_id=assets.tiny_model_path('qwen3'))
+    assert sampler.template.tokenizer is not None

@@ -9,16 +9,16 @@ from .features import FEATURE_KEYS, IGNORE_INDEX, InputFeature, Message, Traject
 TEMPLATES = {'Template': Template, 'Qwen3Template': Template, 'Qwen3_5Template': Template}
 
 
-def build_template(template='Template', model_id=None, **kwargs):
+def build_template(template='Template', default_model_id=None, **kwargs):
     """What ``set_template(template, **kwargs)`` holds: a name from ``TEMPLATES``, a class (built for
-    ``model_id`` unless kwargs name another) or a ready instance."""
+    ``default_model_id`` unless kwargs name a model_id or tokenizer) or a ready instance."""
     if isinstance(template, str):
         if template not in TEMPLATES:
             raise ValueError(f'unknown template {template!r}; valid: {", ".join(TEMPLATES)} (or a Template class)')
         template = TEMPLATES[template]
     if isinstance(template, type):
         if 'tokenizer' not in kwargs:
-            kwargs.setdefault('model_id', model_id)
+            kwargs.setdefault('model_id', default_model_id)
         template = template(**kwargs)
     return template
 
