@@ -25,7 +25,7 @@ import report
 
 from twinkle.backends import FAMILIES
 
-OPS = ('rms_norm', 'swiglu', 'rope', 'fused_linear_cross_entropy', 'fused_linear_logprobs',
+OPS = ('rms_norm', 'swiglu', 'rope', 'fused_linear_cross_entropy',
        'moe')  # each has a bench_<op>.py
 
 

@@ -53,6 +53,7 @@ def parse_args():
     parser.add_argument('--mini-batch-size', type=int, default=8, help='completions per optimizer step')
     parser.add_argument('--micro-batch-size', type=int, default=4)
     parser.add_argument('--lr', type=float, default=5e-3)
+    parser.add_argument('--full', action='store_true', help='train every weight (and sync them all) instead of LoRA')
     parser.add_argument('--plot', default=None, help='draw the mean reward per step to this PNG')
     return parser.parse_args()
 
@@ -70,7 +71,8 @@ def main():
     twinkle.initialize(seed=0)
     model_id = assets.tiny_model_path('qwen3')
     model = TransformersModel(model_id=model_id, mixed_precision='fp32')
-    model.add_adapter_to_model('default', LoraConfig(target_modules='all-linear', r=8, lora_alpha=32))
+    if not args.full:
+        model.add_adapter_to_model('default', LoraConfig(target_modules='all-linear', r=8, lora_alpha=32))
     model.set_optimizer('AdamW', lr=args.lr)
     model.set_loss('GRPOLoss', epsilon=0.2)
     model.set_template('Qwen3_5Template', model_id=model_id)
@@ -88,7 +90,7 @@ def main():
             metrics.reset()
             ckpt_manager.sync_weights(merge_and_sync=False)
             sampler.reset_prefix_cache()
-            responses = sampler.sample(batch, sampling_params, adapter_name='default')
+            responses = sampler.sample(batch, sampling_params, adapter_name=None if args.full else 'default')
             inputs, old_logps, lengths = [], [], []
             for response in responses:  # prompt-major: each prompt's num_generations completions together
                 for sequence in response.sequences:

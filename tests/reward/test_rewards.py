@@ -52,6 +52,11 @@ def test_bad_input_is_named(call, match):
         call()
 
 
+def test_empty_ground_truths_read_user_data_as_the_seeds_client_calls():
+    assert FormatReward()([trajectory('<think>a</think><answer>b</answer>')], []) == [1.0]
+    assert GSM8KAccuracyReward()([trajectory('#### 5', ground_truth='5')], []) == [1.0]
+
+
 def test_completion_reward_metric_means_as_the_seeds_use_it():
     from twinkle.metric import CompletionRewardMetric
     metric = CompletionRewardMetric()

@@ -27,7 +27,8 @@ class FakeLLM:
             completions = []
             for k in range(params.n):
                 tokens = [prompt['prompt_token_ids'][-1] + k, 7]
-                ranked = [{t: Logprob(-0.5 - i, 1), 99: Logprob(-3.0, 2)} for i, t in enumerate(tokens)]
+                # as vLLM at logprobs=1: the top-1 token, plus the chosen one when it is not the top
+                ranked = [{tokens[0]: Logprob(-0.5, 2), 99: Logprob(-0.1, 1)}, {7: Logprob(-1.5, 1)}]
                 completions.append(types.SimpleNamespace(token_ids=tokens, logprobs=ranked, finish_reason='length',
                                                          text=f'c{k}'))
             outputs.append(types.SimpleNamespace(outputs=completions))
@@ -64,7 +65,7 @@ def test_sampling_params_and_outputs_map_like_torch_sampler(fake_vllm):
                             'stop': ['x'], 'seed': 3}
     sequence = responses[1].sequences[1]
     assert sequence.tokens == [7, 7] and sequence.stop_reason == 'length' and sequence.text == 'c1'
-    assert sequence.logprobs == [[(7, -0.5), (99, -3.0)], [(7, -1.5), (99, -3.0)]]
+    assert sequence.logprobs == [[(7, -0.5), (99, -0.1)], [(7, -1.5), (7, -1.5)]]  # TorchSampler's layout
     assert sequence.new_input_feature['labels'] == [-100, 7, 7]
     sampler.reset_prefix_cache()
     assert sampler.engine.resets == 1

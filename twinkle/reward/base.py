@@ -6,10 +6,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 class Reward:
     """Subclasses implement ``score(completion, facts) -> float``; ``facts`` is the trajectory's first
-    ``user_data`` entry (or the given ground truth as ``{'ground_truth': ...}``)."""
+    ``user_data`` entry (or the given ground truth as ``{'ground_truth': ...}``). ``ground_truths``
+    None or empty (the seeds' client calls ``FormatReward()(trajectories, [])``) = read ``user_data``."""
 
     def __call__(self, trajectories: Sequence[Mapping[str, Any]],
                  ground_truths: Optional[Sequence[Any]] = None) -> List[float]:
+        if ground_truths is not None and len(ground_truths) == 0:
+            ground_truths = None
         if ground_truths is not None and len(ground_truths) != len(trajectories):
             raise ValueError(f'ground_truths has {len(ground_truths)} entries for {len(trajectories)} trajectories')
         scores = []

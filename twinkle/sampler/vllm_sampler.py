@@ -61,7 +61,8 @@ class vLLMSampler(Sampler):  # noqa: N801  (the seeds' name)
         responses = []
         for prompt, ids, output in zip(prompts, prompt_ids, outputs):
             responses.append(SampleResponse(sequences=[
-                self._sequence(prompt, ids, list(c.token_ids), _logprobs(c), _reason(c.finish_reason), c.text)
+                self._sequence(prompt, ids, list(c.token_ids), _logprobs(c, params.logprobs or 0),
+                               _reason(c.finish_reason), c.text)
                 for c in output.outputs]))
         return responses
 
@@ -101,12 +102,13 @@ class vLLMSampler(Sampler):  # noqa: N801  (the seeds' name)
         return self._adapters[adapter_name]
 
 
-def _logprobs(completion) -> list:
-    """vLLM's per-token {token_id: Logprob} -> [(chosen, logprob), (alternative, logprob)...] by rank."""
+def _logprobs(completion, top: int) -> list:
+    """vLLM's per-token {token_id: Logprob} (the ``top`` most likely, plus the chosen one when it is not
+    among them) -> [(chosen, logprob), then the ``top`` most likely by rank], as TorchSampler's."""
     entries = []
     for token, ranked in zip(completion.token_ids, completion.logprobs or []):
-        others = sorted(((t, p) for t, p in ranked.items() if t != token), key=lambda item: item[1].rank or 0)
-        entries.append([(token, ranked[token].logprob)] + [(t, p.logprob) for t, p in others])
+        alternatives = sorted(ranked.items(), key=lambda item: item[1].rank)[:top]
+        entries.append([(token, ranked[token].logprob)] + [(t, p.logprob) for t, p in alternatives])
     if len(entries) != len(completion.token_ids):
         raise RuntimeError('vLLM returned no log-probs for some tokens (logprobs=0 should give the chosen one)')
     return entries
