@@ -81,8 +81,10 @@ bench: setup
 
 # On a CUDA machine, under 8 minutes: the kernel tests with Triton compiled (fp32, bf16, fp16), the kernel
 # benchmarks on the GPU, then benchmarks/results/gpu-check/cuda-<gpu>.{json,md}. Elsewhere: says so, exit 2.
-gpu-check: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/gpu_check.py
+# `make gpu-check PY=python3` uses that interpreter's torch/triton as they are (a GPU image with no package
+# registry): no .venv, the checkout on PYTHONPATH.
+gpu-check: $(if $(filter command line,$(origin PY)),,setup)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/gpu_check.py
 
 env: setup
 	$(PY) -m twinkle env

@@ -26,7 +26,8 @@ import report
 from twinkle.backends import FAMILIES
 
 OPS = ('rms_norm', 'swiglu', 'rope', 'fused_linear_cross_entropy',
-       'moe')  # each has a bench_<op>.py
+       'moe')  # each has a bench_<op>.py; make bench and make gpu-check run these
+ALL_OPS = OPS + ('fused_linear_logprobs',)  # --ops also takes these (their bench_<op>.py runs them alone)
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -34,7 +35,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument('--quick', action='store_true', help='small shapes and few reps (about 2 minutes)')
     size.add_argument('--full', action='store_true', help='add the large shapes (FLCE N=4096 H=1024)')
-    parser.add_argument('--ops', default=','.join(OPS), help='comma-separated subset of ' + ','.join(OPS))
+    parser.add_argument('--ops', default=','.join(OPS), help='comma-separated, of ' + ','.join(ALL_OPS))
     parser.add_argument('--variants', default='', help='only these variants (eager,compile,<backend>,...)')
     parser.add_argument('--out', type=Path, default=harness.BENCH_DIR, help='where RESULTS.md and results/ go')
     parser.add_argument('--device', choices=sorted(FAMILIES),
@@ -43,9 +44,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument('--report-only', action='store_true', help='measure nothing: redo RESULTS.md and plots')
     args = parser.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(',') if op.strip()]
-    unknown = [op for op in args.ops if op not in OPS]
+    unknown = [op for op in args.ops if op not in ALL_OPS]
     if unknown:
-        parser.error(f'unknown ops {unknown}; valid: {", ".join(OPS)}')
+        parser.error(f'unknown ops {unknown}; valid: {", ".join(ALL_OPS)}')
     args.variants = {v.strip() for v in args.variants.split(',') if v.strip()}
     args.size = 'quick' if args.quick else 'full' if args.full else 'default'
     return args
@@ -107,7 +108,7 @@ def write_results(record: dict, path: Path) -> dict:
     if path.exists():
         earlier = json.loads(path.read_text())
         merged = {**earlier.get('ops', {}), **record['ops']}
-        record = {**earlier, **record, 'ops': {op: merged[op] for op in OPS if op in merged}}
+        record = {**earlier, **record, 'ops': {op: merged[op] for op in ALL_OPS if op in merged}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + '\n')
     return record
