@@ -7,7 +7,9 @@ count of all micro-batches (and ranks), instead of averaging per-batch means.
 from .base import Loss, shifted_labels
 from .cross_entropy import ChunkedCrossEntropyLoss, CrossEntropyLoss
 from .policy_gradient import CISPOLoss, GRPOLoss, GSPOLoss
+from .preference import DPOLoss
 
-LOSSES = {cls.__name__: cls for cls in (CrossEntropyLoss, ChunkedCrossEntropyLoss, GRPOLoss, GSPOLoss, CISPOLoss)}
+LOSSES = {cls.__name__: cls for cls in (CrossEntropyLoss, ChunkedCrossEntropyLoss, GRPOLoss, GSPOLoss, CISPOLoss,
+                                        DPOLoss)}
 
-__all__ = ['CISPOLoss', 'ChunkedCrossEntropyLoss', 'CrossEntropyLoss', 'GRPOLoss', 'GSPOLoss', 'LOSSES', 'Loss', 'shifted_labels']
+__all__ = ['CISPOLoss', 'ChunkedCrossEntropyLoss', 'CrossEntropyLoss', 'DPOLoss', 'GRPOLoss', 'GSPOLoss', 'LOSSES', 'Loss', 'shifted_labels']
