@@ -184,3 +184,35 @@ def test_model_gradients_do_not_depend_on_micro_batches_and_equal_the_hand_loss(
         scale = grad.abs().max().clamp(min=1e-12)
         for run_name in grads:
             assert (grads[run_name][name] - grad).abs().max() <= 1e-5 * scale, (run_name, name)
+
+
+def test_kernelized_model_hands_the_losses_fused_logps_instead_of_logits():
+    """kernels='auto': the policy and preference losses read ``outputs.logps`` (fused linear log-probs,
+    no [tokens, vocab] logits), equal to log_softmax of the stock logits at the trained tokens."""
+    from twinkle import assets
+    from twinkle.model import TransformersModel
+    from twinkle.loss import DPOLoss
+    samples = [{'input_ids': [5, 9, 11, 40, 41, 42], 'labels': [-100, -100, -100, 40, 41, 42]},
+               {'input_ids': [5, 9, 12, 43, 44], 'labels': [-100, -100, -100, 43, 44]}]
+    seen = {}
+
+    class SpiedDPO(DPOLoss):
+        def __call__(self, inputs, outputs):
+            seen[self.kernels] = (getattr(outputs, 'logps', None), outputs.logits)
+            return super().__call__(inputs, outputs)
+
+    for kernels in ('auto', None):
+        model = TransformersModel(model_id=assets.tiny_model_path('qwen3'), mixed_precision='fp32', kernels=kernels)
+        loss = SpiedDPO(beta=0.5)
+        loss.kernels = kernels
+        model.set_loss(loss)
+        model.forward_backward(inputs=samples, ref_logps=[[-7.0, -7.0, -7.0], [-7.0, -7.0]])
+    fused, no_logits = seen['auto']
+    assert no_logits is None and fused is not None and fused.shape == (2, 6)
+    stock_logps, logits = seen[None]
+    assert stock_logps is None
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    targets = torch.tensor([[0, 0, 40, 41, 42, 0], [0, 0, 43, 44, 0, 0]])
+    want = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(fused[mask], want[mask], rtol=0, atol=1e-5 * float(want.abs().max()))
+    assert (fused[~mask] == 0).all()

@@ -17,9 +17,13 @@ class Loss:
     output. A loss that can be computed inside the model's forward without logits (fused linear
     cross-entropy) sets ``model_computes_loss = True``: the adapter then passes the labels to the
     model and the loss reads ``outputs.loss``, a sum over tokens.
+    ``model_computes_logps = True`` (the RL losses): the adapter asks a kernelized model for the
+    log-probs of the trained tokens through fused linear log-probs (``outputs.logps``, no logits);
+    the loss then needs a ``temperature`` attribute.
     """
 
     model_computes_loss = False
+    model_computes_logps = False
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -14,13 +14,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import Loss
+from .base import IGNORE_INDEX, Loss
 from .token_inputs import trained_mask
 
 LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo')
 
 
 class _PolicyLoss(Loss):
+    model_computes_logps = True
+
     def __init__(self, epsilon: float = 0.2, epsilon_high: Optional[float] = None, beta: float = 0.0,
                  temperature: float = 1.0):
         for name, value in (('epsilon', epsilon), ('beta', beta), ('temperature', temperature)):
@@ -41,7 +43,7 @@ class _PolicyLoss(Loss):
         if self.beta > 0 and 'ref_logps' not in extra:
             raise ValueError(f'{type(self).__name__}(beta={self.beta}) needs ref_logps= (the reference model\'s '
                              f'log-probs of the trained tokens) for its KL term')
-        logps = token_logps(outputs.logits, inputs, self.temperature)
+        logps = token_logps(outputs, inputs, self.temperature)
         old = extra.get('old_logps', logps.detach())
         return self.reduce(logps, old.to(logps.dtype), extra['advantages'].to(logps.dtype), extra)
 
@@ -85,7 +87,7 @@ class GRPOLoss(_PolicyLoss):
         sequences, ids = sequence_ids.unique(return_inverse=True)
         if self.loss_type == 'dr_grpo':
             return per_token.sum(), torch.tensor(len(sequences) * self.max_completion_length, device=per_token.device)
-        return _sequence_means(per_token, ids, len(sequences)).sum(), torch.tensor(len(sequences),
+        return sequence_sums(per_token, ids, len(sequences), mean=True).sum(), torch.tensor(len(sequences),
                                                                                    device=per_token.device)
 
 
@@ -101,11 +103,11 @@ class GSPOLoss(_PolicyLoss):
     def reduce(self, logps, old, advantages, extra):
         sequences, ids = extra['sequence_ids'].unique(return_inverse=True)
         count = len(sequences)
-        ratio = _sequence_means(logps - old, ids, count).exp()
-        advantage = _sequence_means(advantages, ids, count)  # constant within a sequence
+        ratio = sequence_sums(logps - old, ids, count, mean=True).exp()
+        advantage = sequence_sums(advantages, ids, count, mean=True)  # constant within a sequence
         clipped = ratio.clamp(1 - self.epsilon, 1 + self.epsilon_high)
         per_sequence = -torch.minimum(ratio * advantage, clipped * advantage)
-        per_sequence = per_sequence + _sequence_means(self.kl(logps, extra), ids, count)
+        per_sequence = per_sequence + sequence_sums(self.kl(logps, extra), ids, count, mean=True)
         return per_sequence.sum(), torch.tensor(count, device=logps.device)
 
 
@@ -124,18 +126,32 @@ class CISPOLoss(_PolicyLoss):
         return per_token.sum(), torch.tensor(per_token.numel(), device=logps.device)
 
 
-def token_logps(logits: torch.Tensor, batch, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs (fp32) of the trained tokens, flattened in order (the order of ``loss_inputs``)."""
-    if logits is None:
-        raise ValueError('the policy losses need the logits (the model returned none)')
+def token_logps(outputs, batch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (fp32) of the trained tokens, flattened in order (the order of ``loss_inputs``):
+    the model's fused ``outputs.logps`` when it computed them, else from its logits."""
     mask = trained_mask(batch)
-    targets = torch.full_like(batch['labels'], 0)
-    targets[..., :-1] = batch['labels'][..., 1:]
+    fused = getattr(outputs, 'logps', None)
+    if fused is not None:
+        return fused[mask.to(fused.device)]
+    logits = getattr(outputs, 'logits', None)
+    if logits is None:
+        raise ValueError('the policy losses need the logits or fused log-probs (the model returned neither)')
     selected = logits[mask].float() / temperature
-    return selected.log_softmax(-1).gather(-1, targets[mask][:, None])[:, 0]
+    return selected.log_softmax(-1).gather(-1, logps_targets(batch)[mask][:, None])[:, 0]
 
 
-def _sequence_means(values: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+def logps_targets(batch) -> torch.Tensor:
+    """Next-token ids whose log-probs the losses read (``IGNORE_INDEX`` elsewhere): what a model
+    computing fused log-probs is asked for."""
+    targets = torch.full_like(batch['labels'], IGNORE_INDEX)
+    targets[..., :-1] = batch['labels'][..., 1:]
+    return targets.masked_fill(~trained_mask(batch), IGNORE_INDEX)
+
+
+def sequence_sums(values: torch.Tensor, ids: torch.Tensor, count: int, mean: bool = False) -> torch.Tensor:
+    """Per sequence (``ids``: each token's sequence, 0..count-1), the sum or the mean of its values."""
     sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, ids, values)
+    if not mean:
+        return sums
     sizes = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, ids, torch.ones_like(values))
     return sums / sizes

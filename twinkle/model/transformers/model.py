@@ -271,8 +271,16 @@ class TransformersModel(TwinkleModel):
             kwargs.update(labels=batch['labels'], num_items_in_batch=1)
         elif want_loss and loss.model_computes_loss and 'shift_labels' in batch:  # sharded: twinkle's head fuses
             kwargs.update(shift_labels=batch['shift_labels'], num_items_in_batch=1)
+        elif want_loss and loss.model_computes_logps and 'labels' in batch and self._head_is_kernelized():
+            from twinkle.loss.policy_gradient import logps_targets
+            kwargs.update(logps_of=logps_targets(batch), logps_temperature=loss.temperature)
         with self._autocast():
             return self.model(**kwargs)
+
+    def _head_is_kernelized(self) -> bool:
+        """``kernelize`` put twinkle's fused head in front of the causal LM (kernels='auto' or a mapping)."""
+        from twinkle.kernels.causal_lm import TwinkleCausalLMLoss
+        return isinstance(self._base_model(), TwinkleCausalLMLoss)
 
     def _use_packed_attention(self) -> None:
         """Packed (padding-free) rows need attention that stops at sequence boundaries: SDPA and
