@@ -40,12 +40,13 @@ ULYSSES_SIZE ?=
 # (NPROC=4: tp=2 x ep=2, then tp=2 x pp=2).
 BACKEND    ?= transformers
 
-# JOB=grpo: examples/grpo.py, GRPO with TorchSampler in one process (the sampler is not distributed yet).
+# JOB=grpo: examples/grpo.py, GRPO with TorchSampler: under torchrun the last rank samples and the others
+# train (weights synced over gloo/NCCL); NPROC=1 runs model and sampler in one process.
 JOB        ?= sft
 
 train: setup
 ifeq ($(JOB),grpo)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/grpo.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/grpo.py
 else ifneq ($(CP_SIZE)$(ULYSSES_SIZE),)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/long_context.py \
 		$(if $(CP_SIZE),--cp-size $(CP_SIZE)) $(if $(ULYSSES_SIZE),--ulysses-size $(ULYSSES_SIZE))

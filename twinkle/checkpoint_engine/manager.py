@@ -20,18 +20,19 @@ class CheckpointEngineManager:
     Both given (one process): handed over in-process. Separate processes: each passes the side it
     holds (``model=`` on the model's ranks, ``sampler=`` on the samplers') and the same kind of
     ``engine`` (``ProcessGroupCheckpointEngine``: the model's first rank sends, every sampler
-    receives; the model's other ranks take part in gathering FSDP shards only).
+    receives; the model's other ranks take part in gathering FSDP shards only and need no engine).
     ``adapter_name``: which adapter to sync (default: the model's only one; none: the full model)."""
 
     def __init__(self, model=None, sampler=None, engine: Optional[CheckpointEngine] = None,
                  adapter_name: Optional[str] = None):
         if model is None and sampler is None:
             raise ValueError('CheckpointEngineManager needs model= or sampler= (or both)')
-        if engine is None and (model is None or sampler is None):
+        self.model, self.sampler = model, sampler
+        helper = sampler is None and not self._first_model_rank()  # helps gather shards, sends nothing
+        if engine is None and (model is None or sampler is None) and not helper:
             raise ValueError('CheckpointEngineManager: with only one of model= / sampler= in this process, pass '
                              'engine= (e.g. ProcessGroupCheckpointEngine) to reach the other')
-        self.model, self.sampler = model, sampler
-        self.engine = engine if engine is not None else InProcessCheckpointEngine()
+        self.engine = engine if engine is not None or helper else InProcessCheckpointEngine()
         self.adapter_name = adapter_name
 
     def sync_weights(self, merge_and_sync: bool = False, adapter_name: Optional[str] = None) -> Dict[str, Any]:
@@ -70,9 +71,14 @@ class CheckpointEngineManager:
         return adapters[0] if adapters else None
 
     def _sends(self) -> bool:
+        if not self._first_model_rank():
+            return False
         if not self.engine.is_sender:
             raise ValueError('CheckpointEngineManager: model= is given on a process whose engine receives '
                              '(rank 0 of the sync group must be the model)')
+        return True
+
+    def _first_model_rank(self) -> bool:
         mesh = getattr(self.model, 'device_mesh', None)
         return mesh is None or not dist.is_initialized() or mesh.rank == 0
 
