@@ -81,8 +81,9 @@ def create_dataset(model_id):
     return dataset
 
 
-def build_model(args, model_id):
-    model = TransformersModel(model_id=model_id, mixed_precision='fp32')
+def build_model(args, model_id, **placement):
+    """``placement``: ``device_mesh=`` / ``remote_group=`` (examples/ray_grpo.py)."""
+    model = TransformersModel(model_id=model_id, mixed_precision='fp32', **placement)
     if not args.full:
         model.add_adapter_to_model('default', LoraConfig(target_modules='all-linear', r=8, lora_alpha=32))
     model.set_optimizer('AdamW', lr=args.lr)
@@ -91,8 +92,8 @@ def build_model(args, model_id):
     return model
 
 
-def build_sampler(model_id):
-    sampler = TorchSampler(model_id)
+def build_sampler(model_id, **placement):
+    sampler = TorchSampler(model_id, **placement)
     sampler.set_template('Qwen3_5Template', model_id=model_id)
     return sampler
 

@@ -69,7 +69,7 @@ def fresh_registry():
     """Clears configure()/TWINKLE_KERNELS overrides and cached choices around a test."""
     from twinkle.kernels import registry
     registry.configure()
-    registry._chosen.clear()
+    registry._chosen().clear()
     yield registry
     registry.configure()
-    registry._chosen.clear()
+    registry._chosen().clear()

@@ -15,6 +15,7 @@ from . import backends
 from .parallel.collectives import collective
 from .parallel.mesh import DeviceMesh, set_global_mesh
 from .utils.logger import get_logger
+from .utils.process_state import process_state
 
 logger = get_logger(__name__)
 
@@ -24,12 +25,20 @@ logger = get_logger(__name__)
 # about a minute) and still short enough to notice. Accelerator jobs keep torch's default: their
 # first steps may compile kernels for many minutes.
 DEFAULT_CPU_TIMEOUT = datetime.timedelta(minutes=5)
-_timeout: Optional[datetime.timedelta] = None  # what the process group was created with
+
+
+RAY_ARGUMENTS = ('groups', 'nproc_per_node', 'lazy_collect', 'ray_address', 'call_timeout', 'start_timeout')
 
 
 def initialize(mode: str = 'local', global_device_mesh: Optional[DeviceMesh] = None, seed: Optional[int] = 42,
                full_determinism: bool = False, timeout: Union[None, float, datetime.timedelta] = None, **kwargs):
     """Detect the device, join the torchrun job (if any), record the mesh and seed every RNG.
+
+    ``mode='ray'`` (``groups=[DeviceGroup(...)]``, ``nproc_per_node``, ``lazy_collect=True``,
+    ``ray_address``, ``call_timeout``, ``start_timeout``): this process becomes the driver of a Ray
+    job; each group a placement group of rank actors that run torchrun-style among themselves, and
+    components built with ``remote_group=`` are proxies of them (``twinkle.infra``). ``timeout`` is
+    then the actors' collective timeout. Returns the driver's ``RayCluster``.
 
     Under torchrun (RANK and WORLD_SIZE set) this creates the default process group with the device
     layer's backend (gloo, nccl, hccl) and checks that ``global_device_mesh`` spans WORLD_SIZE ranks
@@ -38,9 +47,9 @@ def initialize(mode: str = 'local', global_device_mesh: Optional[DeviceMesh] = N
     same seed, so every rank builds the same initial weights. Returns the device backend.
     """
     if mode == 'ray':
-        raise NotImplementedError("mode='ray' is not implemented yet: launch with torchrun and mode='local'")
+        return _initialize_ray(global_device_mesh, seed, full_determinism, timeout, kwargs)
     if mode != 'local':
-        raise ValueError(f'mode={mode!r} is not supported; valid: "local" (torchrun or a single process)')
+        raise ValueError(f'mode={mode!r} is not supported; valid: "local" (torchrun or a single process), "ray"')
     if kwargs:
         raise TypeError(f'initialize() got unsupported arguments: {", ".join(sorted(kwargs))}')
     if global_device_mesh is not None and not isinstance(global_device_mesh, DeviceMesh):
@@ -64,6 +73,30 @@ def initialize(mode: str = 'local', global_device_mesh: Optional[DeviceMesh] = N
     if full_determinism:
         torch.use_deterministic_algorithms(True)
     return device
+
+
+def _initialize_ray(global_device_mesh, seed, full_determinism, timeout, kwargs):
+    unknown = sorted(set(kwargs) - set(RAY_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"initialize(mode='ray') got unsupported arguments: {', '.join(unknown)}; "
+                        f"valid: {', '.join(RAY_ARGUMENTS)}")
+    if global_device_mesh is not None and not isinstance(global_device_mesh, DeviceMesh):
+        raise ValueError(f'global_device_mesh must be a twinkle DeviceMesh, got {type(global_device_mesh).__name__}')
+    from .infra.ray_mode import initialize_ray
+    seconds = _as_timedelta(timeout)
+    groups = kwargs.pop('groups', None)
+    groups = [groups] if groups is not None and not isinstance(groups, (list, tuple)) else groups
+    if global_device_mesh is not None and groups and global_device_mesh.world_size > max(len(g.ranks) for g in groups):
+        raise ValueError(f'global_device_mesh has {global_device_mesh.world_size} ranks '
+                         f'({global_device_mesh.describe_sizes()}), more than any group holds '
+                         f'({", ".join(f"{g.name}: {len(g.ranks)}" for g in groups)})')
+    if seed is not None:  # the driver's own RNGs (data order, sampling seeds drawn here)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    worker_init = dict(seed=seed, full_determinism=full_determinism,
+                       timeout=None if seconds is None else seconds.total_seconds())
+    return initialize_ray(groups or [], global_mesh=global_device_mesh, worker_init=worker_init, **kwargs)
 
 
 def _default_mesh(world_size: int) -> DeviceMesh:
@@ -98,8 +131,7 @@ def _join_process_group(device: backends.Backend, timeout: Optional[datetime.tim
     else:
         origin = 'initialize(timeout=...)' if timeout is not None else 'torch default'
     dist.init_process_group(backend=device.dist_backend, timeout=timeout)
-    global _timeout
-    _timeout = timeout
+    process_state().collective_timeout = timeout
     with collective('initialize'):
         dist.barrier()
     logger.info('process group: %s, %d ranks, collective timeout %s (%s)', device.dist_backend,
@@ -108,4 +140,4 @@ def _join_process_group(device: backends.Backend, timeout: Optional[datetime.tim
 
 def process_group_timeout() -> Optional[datetime.timedelta]:
     """The collective timeout ``initialize`` gave the process group (None: torch's default, or no group)."""
-    return _timeout
+    return process_state().collective_timeout

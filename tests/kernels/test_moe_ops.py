@@ -277,7 +277,7 @@ def test_selection_per_device(fresh_registry, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     for capability, expected in (((8, 0), 'grouped_mm'), ((7, 5), 'triton')):
         monkeypatch.setattr(CudaBackend, 'compute_capability', property(lambda self: capability))
-        registry._chosen.clear()
+        registry._chosen().clear()
         choice = kernels.select('grouped_experts', 'cuda')
         assert choice.backend == expected
     assert 'sm80+ GPU, this one is sm75' in choice.reason

@@ -16,7 +16,7 @@ def toy_op(fresh_registry):
     }, priority={'cpu': ['fancy', 'reference'], '*': ['reference']})
     yield 'toy_op'
     registry._OPS.pop('toy_op')
-    registry._chosen.clear()
+    registry._chosen().clear()
 
 
 def test_select_on_cpu_returns_backend_and_reason(fresh_registry):
@@ -121,7 +121,7 @@ def test_first_call_of_an_op_may_be_inside_a_fullgraph_compile(fresh_registry):
     x, weight = torch.randn(3, 8), torch.rand(8)
     compiled = torch.compile(lambda x, weight: kernels.rms_norm(x, weight, 1e-6) * 2, fullgraph=True,
                              backend='eager')
-    assert not registry._chosen  # nothing selected before tracing
+    assert not registry._chosen()  # nothing selected before tracing
     torch.testing.assert_close(compiled(x, weight), 2 * kernels.rms_norm(x, weight, 1e-6, backend='reference'))
 
 

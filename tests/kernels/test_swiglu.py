@@ -180,7 +180,7 @@ def test_selection_per_device(fresh_registry, monkeypatch):
     assert kernels.select('swiglu', 'cuda').backend == 'triton'  # the interpreter counts as a GPU
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)  # set on CPU, not on a GPU
     monkeypatch.setattr(CudaBackend, 'has_triton', property(lambda self: False))  # e.g. a pre-sm70 GPU
-    registry._chosen.clear()
+    registry._chosen().clear()
     choice = kernels.select('swiglu', 'cuda')  # both Triton-based backends drop out
     assert choice.backend == 'reference'
     assert 'triton unavailable' in choice.reason and 'liger unavailable' in choice.reason

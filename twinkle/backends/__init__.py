@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Type
+from typing import Dict, Type
+
+from twinkle.utils.process_state import process_state
 
 from .base import Backend, has_package
 from .cpu import CpuBackend
@@ -24,7 +26,6 @@ FAMILIES: Dict[str, Type[Backend]] = {
     'cpu': CpuBackend,
 }
 
-_current: Optional[Backend] = None
 _MISSING = {  # what a forced family needs, for the error when it is absent
     'cuda': 'torch.cuda.is_available() is False: no NVIDIA GPU or driver, or a CPU-only torch build',
     'ppu': 'torch.cuda sees no PPU device',
@@ -53,14 +54,15 @@ def detect() -> Backend:
 
 
 def current() -> Backend:
-    """The active device backend, detected on first use (then cached) and its process tuning applied."""
-    global _current
-    if _current is None:
-        _current = detect()
+    """The active device backend, detected on first use (then kept in the process state) and its
+    process tuning applied."""
+    state = process_state()
+    if state.backend is None:
+        state.backend = detect()
         from twinkle.utils.logger import get_logger
-        get_logger(__name__).info('device: %s (%s)', _current.type, _reason(_current))
-        _current.tune_process()
-    return _current
+        get_logger(__name__).info('device: %s (%s)', state.backend.type, _reason(state.backend))
+        state.backend.tune_process()
+    return state.backend
 
 
 def get(device_type: str) -> Backend:
@@ -75,8 +77,7 @@ def get(device_type: str) -> Backend:
 
 def reset() -> None:
     """Forget the detected backend (tests, or after changing TWINKLE_DEVICE)."""
-    global _current
-    _current = None
+    process_state().backend = None
 
 
 def _reason(backend: Backend) -> str:

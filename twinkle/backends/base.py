@@ -7,10 +7,11 @@ The device layer imports nothing else of twinkle.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import ClassVar, Optional, Tuple
 
 import torch
+
+from twinkle.utils.process_state import process_state
 
 
 def has_package(name: str) -> bool:
@@ -71,7 +72,7 @@ class Backend:
 
     def local_index(self) -> int:
         """This process's device index: LOCAL_RANK under torchrun (wrapped to the device count)."""
-        return int(os.environ.get('LOCAL_RANK', '0')) % max(self.device_count(), 1)
+        return process_state().device_index() % max(self.device_count(), 1)
 
     def local_device(self) -> torch.device:
         return torch.device(self.torch_device_type, self.local_index())

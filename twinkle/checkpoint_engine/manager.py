@@ -28,6 +28,13 @@ class CheckpointEngineManager:
         if model is None and sampler is None:
             raise ValueError('CheckpointEngineManager needs model= or sampler= (or both)')
         self.model, self.sampler = model, sampler
+        self.remote = getattr(model, 'is_remote_proxy', False) or getattr(sampler, 'is_remote_proxy', False)
+        if self.remote:  # Ray mode: the groups' ranks sync among themselves (twinkle.infra.ray_weights)
+            if not (getattr(model, 'is_remote_proxy', False) and getattr(sampler, 'is_remote_proxy', False)):
+                raise ValueError('CheckpointEngineManager: in Ray mode pass both model= and sampler= as components '
+                                 'built with remote_group=')
+            self.engine, self.adapter_name = engine, adapter_name
+            return
         helper = sampler is None and not self._first_model_rank()  # helps gather shards, sends nothing
         if engine is None and (model is None or sampler is None) and not helper:
             raise ValueError('CheckpointEngineManager: with only one of model= / sampler= in this process, pass '
@@ -40,6 +47,8 @@ class CheckpointEngineManager:
         to the sampler; returns what was synced (kind, tensors, bytes, seconds) on this process."""
         if not isinstance(merge_and_sync, bool):
             raise ValueError(f'merge_and_sync must be True or False, got {merge_and_sync!r}')
+        if self.remote:
+            return self.model.sync_weights_into(self.sampler, merge_and_sync, adapter_name or self.adapter_name)
         started = time.perf_counter()
         summary: Dict[str, Any] = {}
         if self.model is not None:

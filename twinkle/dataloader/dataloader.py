@@ -17,11 +17,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 import torch
 
 from twinkle.utils.logger import get_logger
+from twinkle.utils.process_state import RAY_DRIVER, process_state
+from twinkle.utils.remote import RemoteCapable
 
 logger = get_logger(__name__)
 
 
-class DataLoader:
+class DataLoader(RemoteCapable):
     """Iterates lists of this rank's samples (feed them to an ``InputProcessor`` to get tensors).
 
     Args:
@@ -34,11 +36,23 @@ class DataLoader:
             ``twinkle.initialize`` (one rank without it).
         shuffle: reshuffle each epoch (default: yes for map-style datasets; streams keep their order).
         seed: base of the per-epoch shuffle seed.
+
+    In a Ray driver it yields whole global batches (the driver is no data rank: a model proxy cuts
+    each batch into its data ranks' shares); with ``remote_group=`` it is built on that group's first
+    rank, a ``dataset`` factory called there, and the driver iterates its global batches.
     """
 
+    remote_on_first_rank_only = True
+
+    @classmethod
+    def remote_build_kwargs(cls, kwargs: dict) -> dict:
+        return {**kwargs, 'device_mesh': WholeBatch()}
+
     def __init__(self, dataset: Union[Any, Callable[[], Any]], batch_size: int, min_batch_size: Optional[int] = None,
-                 device_mesh: Any = None, shuffle: Optional[bool] = None, seed: int = 42):
+                 device_mesh: Any = None, shuffle: Optional[bool] = None, seed: int = 42,
+                 remote_group: Optional[str] = None):
         self.dataset = _built(dataset)
+        self.device_mesh = device_mesh
         self.rank, self.world_size = _data_coordinates(device_mesh)
         if not isinstance(batch_size, int) or batch_size < 1 or batch_size % self.world_size:
             raise ValueError(f'batch_size must be a positive multiple of the data world size '
@@ -117,8 +131,8 @@ class DataLoader:
         aborts with a "collective mismatch", NCCL hangs). Ranks that loaded datasets of different
         sizes are caught here, once per epoch, before the first step."""
         import torch.distributed as dist
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
+        if not dist.is_initialized() or dist.get_world_size() == 1 or isinstance(self.device_mesh, WholeBatch):
+            return  # WholeBatch: the one reader of a Ray group, its other ranks take no part
         from twinkle.parallel import collective
         mine = (self._steps(len(self.dataset) - self.consumed_samples), len(self.dataset), self.consumed_samples)
         everyone: List[Any] = [None] * dist.get_world_size()
@@ -156,11 +170,16 @@ class DataLoader:
             yield batch
 
     def _my_slice(self, global_batch: List[Any]) -> List[Dict[str, Any]]:
-        """This rank's contiguous share; shares differ by at most one in a short last batch."""
-        base, extra = divmod(len(global_batch), self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        mine = global_batch[start:start + base + (self.rank < extra)]
+        mine = data_share(global_batch, self.rank, self.world_size)
         return [self.dataset[i] for i in mine] if self.sized else mine
+
+
+def data_share(items, rank: int, world_size: int):
+    """Data rank ``rank``'s contiguous share of ``items``; shares differ by at most one (a short last
+    batch). A Ray driver cuts a global batch for its actors with the same rule."""
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    return items[start:start + base + (rank < extra)]
 
 
 def _check_has_a_batch(samples: int, batch_size: int, min_batch_size: int) -> None:
@@ -180,7 +199,14 @@ def _built(dataset: Any) -> Any:
     return dataset() if is_factory else dataset
 
 
+class WholeBatch:
+    """The coordinates of a reader of whole global batches: one data rank of one."""
+    data_rank, data_world_size = 0, 1
+
+
 def _data_coordinates(device_mesh: Any):
+    if process_state().role == RAY_DRIVER:
+        return 0, 1
     if device_mesh is None:
         from twinkle.parallel import global_mesh
         device_mesh = global_mesh()  # the mesh twinkle.initialize() recorded, as the seeds' scripts expect

@@ -19,6 +19,7 @@ import torch
 from twinkle import backends
 from twinkle.backends import Backend, has_package
 from twinkle.utils.logger import get_logger
+from twinkle.utils.process_state import process_state
 
 logger = get_logger(__name__)
 
@@ -61,9 +62,17 @@ class Selection(NamedTuple):
 
 
 _OPS: Dict[str, Op] = {}
-_configured: Dict[str, str] = {}
 _env_cache: Tuple[Optional[str], Dict[str, str]] = (None, {})
-_chosen: Dict[Tuple[str, str, str], Selection] = {}
+
+
+def _chosen() -> Dict[Tuple[str, str, str], Selection]:
+    """(op, device type, override) -> the selection; per process state, like the device it depends on."""
+    return process_state().cache('kernels.chosen')
+
+
+def _configured() -> Dict[str, str]:
+    """What ``configure()`` forced in this process."""
+    return process_state().cache('kernels.configured')
 
 
 def register(name: str, impls: Union[Sequence[str], Dict[str, Union[str, Impl]]],
@@ -99,8 +108,8 @@ def register(name: str, impls: Union[Sequence[str], Dict[str, Union[str, Impl]]]
         if unknown:
             raise ValueError(f'op {name!r}: priority for {device!r} names unknown backends {unknown}')
     _OPS[name] = Op(name, impls, {d: list(p) for d, p in priority.items()}, package or f'twinkle.kernels.{name}')
-    for key in [key for key in _chosen if key[0] == name]:
-        del _chosen[key]
+    for key in [key for key in _chosen() if key[0] == name]:
+        del _chosen()[key]
 
 
 def ops() -> List[str]:
@@ -141,9 +150,9 @@ def select(op: str, device: DeviceLike = None) -> Selection:
     device_type = _backend_for(device).type
     override = _overrides().get(op)
     key = (op, device_type, override or '')
-    if key not in _chosen:
-        _chosen[key] = _choose(op, device, device_type, override)
-    return _chosen[key]
+    if key not in _chosen():
+        _chosen()[key] = _choose(op, device, device_type, override)
+    return _chosen()[key]
 
 
 def resolve(op: str, backend: Optional[str] = None, device: DeviceLike = None,
@@ -183,15 +192,15 @@ def configure(overrides: Optional[Dict[str, str]] = None, **kwargs: str) -> None
     for op, backend in merged.items():
         _impl(op, backend)
     if not merged:
-        _configured.clear()
-    _configured.update(merged)
-    _chosen.clear()
+        _configured().clear()
+    _configured().update(merged)
+    _chosen().clear()
 
 
 def report(device: DeviceLike = None, used_only: bool = False) -> List[dict]:
     """Per op: the chosen backend, the reason, and every backend's availability. ``used_only``:
     only the ops something has selected so far in this process (what a model actually runs)."""
-    used = {key[0] for key in _chosen}
+    used = {key[0] for key in _chosen()}
     rows = []
     for name in ops():
         if used_only and name not in used:
@@ -266,7 +275,7 @@ def _overrides() -> Dict[str, str]:
             _impl(op.strip(), backend.strip())
             parsed[op.strip()] = backend.strip()
         _env_cache = (raw, parsed)
-    return {**_env_cache[1], **_configured}
+    return {**_env_cache[1], **_configured()}
 
 
 def _require_available(op: str, backend: str, device: DeviceLike, why: str) -> None:
@@ -278,7 +287,7 @@ def _require_available(op: str, backend: str, device: DeviceLike, why: str) -> N
 
 def _choose(op: str, device: DeviceLike, device_type: str, override: Optional[str]) -> Selection:
     if override:
-        source = 'configure()' if op in _configured else ENV_OVERRIDES
+        source = 'configure()' if op in _configured() else ENV_OVERRIDES
         _require_available(op, override, device, why=source)
         selection = Selection(override, f'forced by {source}')
         logger.info('kernel %s on %s: %s (%s)', op, device_type, selection.backend, selection.reason)

@@ -20,14 +20,17 @@ from twinkle.model.optim import build_optimizer, build_scheduler
 from twinkle.model.train_state import TrainState
 from twinkle.parallel import all_reduce_sum, collective, scale_gradients_
 from twinkle.utils.logger import get_logger
+from twinkle.utils.remote import RemoteCapable, remote_method
 
 logger = get_logger(__name__)
 
 FULL_MODEL = ''  # the TrainState name used when no adapter is added
 
 
-class TwinkleModel(abc.ABC):
-    """A subclass sets ``device``, ``device_mesh``, ``distributed`` (more than one data rank),
+class TwinkleModel(RemoteCapable, abc.ABC):
+    """``remote_group=`` (Ray mode) builds it on every rank of that group; the driver holds a proxy.
+
+    A subclass sets ``device``, ``device_mesh``, ``distributed`` (more than one data rank),
     ``precision`` and ``model_id``, then calls ``_init_train_states()``."""
 
     def _init_train_states(self) -> None:
@@ -80,6 +83,7 @@ class TwinkleModel(abc.ABC):
         self.processor = processor
 
     # -- compute --------------------------------------------------------------------------------
+    @remote_method('slice', 'per_rank', sliced=('inputs',))
     def forward(self, inputs, adapter_name: Optional[str] = None):
         """Forward with autograd on (no backward); returns the model output of the last micro-batch."""
         state = self._state(adapter_name)
@@ -90,6 +94,7 @@ class TwinkleModel(abc.ABC):
             outputs = self._run(batch, state.loss)
         return outputs
 
+    @remote_method('slice', 'per_rank', sliced=('inputs',))
     @torch.no_grad()
     def forward_only(self, inputs, adapter_name: Optional[str] = None):
         """Inference forward (logits built); updates the evaluation metrics when labels are given."""
@@ -105,6 +110,7 @@ class TwinkleModel(abc.ABC):
                     metric.update(loss_sum=loss_sum, num_tokens=num_tokens, inputs=batch, outputs=outputs)
         return outputs
 
+    @remote_method('slice', 'mean_loss', sliced=('inputs', 'old_logps', 'advantages', 'ref_logps'))
     def forward_backward(self, inputs, adapter_name: Optional[str] = None,
                          micro_batch_size: Optional[int] = None, **loss_inputs) -> Dict[str, float]:
         """One step of gradient accumulation over ``inputs``: forward, loss sum, backward.

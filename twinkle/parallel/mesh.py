@@ -9,12 +9,13 @@ ranks that talk most (tp, then ulysses, cp) are neighbours, i.e. on the same hos
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+
+from twinkle.utils.process_state import RAY_DRIVER, process_state
 
 # Outer to inner. dp and fsdp are always present (size 1 allowed) because FSDP slices them by name.
 DIM_ORDER = ('pp', 'dp', 'fsdp', 'ep', 'cp', 'ulysses', 'tp')
@@ -27,7 +28,6 @@ DATA_DIMS = ('dp', 'fsdp', 'ep')
 SEQUENCE_DIMS = ('cp', 'ulysses')
 ALWAYS_PRESENT = ('dp', 'fsdp')
 
-_global_mesh: Optional['DeviceMesh'] = None
 _CELL = 8  # column width of get_device_placement's drawing
 
 
@@ -119,7 +119,7 @@ class DeviceMesh:
     @property
     def rank(self) -> int:
         """This process's global rank (RANK before the process group exists, e.g. at mesh creation)."""
-        return dist.get_rank() if dist.is_initialized() else int(os.environ.get('RANK', '0'))
+        return dist.get_rank() if dist.is_initialized() else process_state().global_rank()
 
     def coordinate(self, rank: Optional[int] = None) -> Dict[str, int]:
         """{dim: index} of ``rank`` (default: this rank)."""
@@ -139,7 +139,11 @@ class DeviceMesh:
     @property
     def data_rank(self) -> int:
         """Which of the ``data_world_size`` data slices this rank reads (row-major over DATA_DIMS)."""
-        coordinate = self.coordinate()
+        return self.data_rank_of(self.rank)
+
+    def data_rank_of(self, rank: int) -> int:
+        """The data slice global ``rank`` reads (a Ray driver hands each actor its slice)."""
+        coordinate = self.coordinate(rank)
         rank = 0
         for name in DATA_DIMS:
             rank = rank * self.size(name) + coordinate.get(name, 0)
@@ -262,20 +266,19 @@ def _check_size(name: str, size) -> None:
 
 def set_global_mesh(mesh: Optional[DeviceMesh]) -> None:
     """Record the job's mesh (``twinkle.initialize`` does this)."""
-    global _global_mesh
-    _global_mesh = mesh
+    process_state().mesh = mesh
 
 
 def global_mesh() -> Optional[DeviceMesh]:
     """The mesh given to ``twinkle.initialize`` (None before it ran)."""
-    return _global_mesh
+    return process_state().mesh
 
 
 def get_device_placement(mesh: Optional[DeviceMesh] = None) -> str:
     """A drawing of the layout (default: the global mesh): one row per outer coordinate, ranks
     along the innermost dim, this process marked with ``*``."""
     mesh = mesh or global_mesh() or DeviceMesh({})
-    me = mesh.rank
+    me = -1 if process_state().role == RAY_DRIVER else mesh.rank  # a Ray driver is no rank of the mesh
     *outer, inner = [name for name, size in mesh.dims.items() if size > 1] or ['fsdp']
     rows: Dict[str, List[str]] = {}
     for rank in range(mesh.world_size):

@@ -5,9 +5,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from twinkle.data_format import SampledSequence, SampleResponse, SamplingParams
 from twinkle.utils.labels import IGNORE_INDEX
+from twinkle.utils.remote import RemoteCapable, remote_method
 
 
-class Sampler:
+class Sampler(RemoteCapable):
     """``sample(prompts, sampling_params) -> [SampleResponse per prompt]``; prompts are
     trajectories (chats, encoded here with the generation prompt) or already encoded features
     (``input_ids``; their ``messages`` / ``user_data`` are carried into the training feature)."""
@@ -19,6 +20,7 @@ class Sampler:
         from twinkle.template import build_template
         self.template = build_template(template, self.model_id, **kwargs)
 
+    @remote_method('slice', 'concat', sliced=('prompts',))
     def sample(self, prompts, sampling_params: Optional[SamplingParams] = None, adapter_name: Optional[str] = None,
                adapter_uri: Optional[str] = None) -> List[SampleResponse]:
         raise NotImplementedError

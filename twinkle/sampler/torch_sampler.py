@@ -29,8 +29,6 @@ class TorchSampler(Sampler):
                  remote_group: Optional[str] = None, **model_kwargs):
         if (model_id is None) == (model is None):
             raise ValueError('TorchSampler: pass exactly one of model_id and model')
-        if remote_group is not None:
-            raise NotImplementedError("remote_group= needs twinkle.initialize(mode='ray') (not built yet)")
         if device_mesh is not None:
             device_mesh.refuse_unapplied(('dp',), 'TorchSampler', {})
         self.model_id, self.device_mesh = model_id, device_mesh

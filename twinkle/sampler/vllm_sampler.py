@@ -35,8 +35,6 @@ class vLLMSampler(Sampler):  # noqa: N801  (the seeds' name)
 
     def __init__(self, model_id: str, engine_args: Optional[Dict[str, Any]] = None, device_mesh=None,
                  remote_group: Optional[str] = None):
-        if remote_group is not None:
-            raise NotImplementedError("remote_group= needs twinkle.initialize(mode='ray') (not built yet)")
         if device_mesh is not None:
             device_mesh.refuse_unapplied(('dp',), 'vLLMSampler', {})
         if engine_args is not None and not isinstance(engine_args, dict):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .process_state import process_state
+
 _ROOT = 'twinkle'
 _configured = False
 _LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
@@ -19,7 +21,7 @@ class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if os.environ.get('TWINKLE_LOG_ALL_RANKS', '0') == '1':
             return True
-        return os.environ.get('RANK', '0') == '0'
+        return process_state().global_rank() == 0
 
 
 def _configure_root() -> None:

@@ -66,8 +66,7 @@ class MegatronModel(TwinkleModel):
 
     def __init__(self, model_id: str, *, device_mesh: Optional[DeviceMesh] = None, mixed_precision: str = 'auto',
                  seed: int = 0, kernels: Optional[str] = 'auto', **kwargs):
-        if kwargs.pop('remote_group', None) is not None:
-            raise NotImplementedError('remote_group needs twinkle.initialize(mode="ray"), which is not available yet')
+        kwargs.pop('remote_group', None)  # a Ray driver made a proxy instead (RemoteCapable)
         if kwargs:
             raise TypeError(f'MegatronModel got unexpected arguments {sorted(kwargs)}')
         if kernels not in ('auto', None):

@@ -61,8 +61,7 @@ class TransformersModel(TwinkleModel):
     def __init__(self, model_id: Optional[str] = None, *, model_cls=None, config=None, device_mesh=None,
                  mixed_precision: str = 'auto', kernels: Union[str, Dict, None] = 'auto',
                  attn_implementation: str = 'auto', **from_pretrained_kwargs):
-        if from_pretrained_kwargs.pop('remote_group', None) is not None:
-            raise NotImplementedError('remote_group needs twinkle.initialize(mode="ray"), which is not available yet')
+        from_pretrained_kwargs.pop('remote_group', None)  # a Ray driver made a proxy instead (RemoteCapable)
         if model_id is None and config is None:
             raise ValueError('TransformersModel needs model_id or config')
         self.device = backends.current()
