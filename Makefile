@@ -4,7 +4,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,triton,liger,megatron
+EXTRAS     ?= dev,triton,liger,megatron,ray
 STAMP      := $(VENV)/.twinkle-installed
 # The versions the suite passed with (constraints.txt); UPGRADE=1 installs the newest releases instead,
 # to find drift on purpose (make test-latest), and `make lock` records them once the suite passes.
@@ -40,12 +40,18 @@ ULYSSES_SIZE ?=
 # (NPROC=4: tp=2 x ep=2, then tp=2 x pp=2).
 BACKEND    ?= transformers
 
+# MODE=ray: examples/ray_sft.py, the SFT example on a local Ray cluster (2 CPU actors; RAY_ADDRESS joins a
+# running one); examples/sft.py is the same script for torchrun.
+MODE       ?= local
+
 # JOB=grpo: examples/grpo.py, GRPO with TorchSampler: under torchrun the last rank samples and the others
 # train (weights synced over gloo/NCCL); NPROC=1 runs model and sampler in one process.
 JOB        ?= sft
 
 train: setup
-ifeq ($(JOB),grpo)
+ifeq ($(MODE),ray)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) examples/ray_sft.py
+else ifeq ($(JOB),grpo)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/grpo.py
 else ifneq ($(CP_SIZE)$(ULYSSES_SIZE),)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LAUNCH) examples/long_context.py \

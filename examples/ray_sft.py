@@ -1,12 +1,15 @@
-"""The seeds' Ray SFT example (quick-start.md), on the embedded tiny Qwen3 and self-cognition data.
+"""The seeds' SFT example (quick-start.md) on the embedded tiny Qwen3 and self-cognition data, twice:
+examples/sft.py for torchrun, examples/ray_sft.py for Ray. The two differ only in their
+twinkle.initialize(...) line (the suite diffs them and compares their losses).
 
-    python examples/ray_sft.py          # starts a local Ray cluster: 2 CPU actors, FSDP over them
+    torchrun --nproc_per_node=2 examples/sft.py   # 2 ranks, FSDP over them
+    python examples/ray_sft.py                    # a local Ray cluster: the same 2 ranks as actors
     make train MODE=ray
 
-The driver builds the dataset and the DataLoader, which yields whole global batches; the model is
-a proxy of a TransformersModel on each actor of group 'default', and every call cuts each batch
-into the data ranks' shares. examples/sft.py is this script for torchrun: the two differ only in
-their twinkle.initialize(...) line (the suite diffs them and compares their losses).
+Under Ray the driver builds the dataset and the DataLoader, which yields whole global batches; the
+model is a proxy of a TransformersModel on each actor of group 'default', and each call cuts the
+batch into the data ranks' shares -- the shares the torchrun ranks' DataLoaders read themselves.
+remote_group= and device_group are ignored under torchrun.
 """
 import os
 

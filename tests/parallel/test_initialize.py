@@ -40,8 +40,10 @@ def test_mesh_and_world_size_mismatch_names_both(monkeypatch):
 
 
 def test_modes():
-    with pytest.raises(NotImplementedError, match="mode='ray'"):
+    with pytest.raises(ValueError, match=r"mode='ray'\) needs groups=\[DeviceGroup"):
         twinkle.initialize(mode='ray', groups=[])
+    with pytest.raises(TypeError, match="mode='ray'.*nproc_per_nod; valid: groups"):
+        twinkle.initialize(mode='ray', groups=[], nproc_per_nod=8)
     with pytest.raises(ValueError, match='mode'):
         twinkle.initialize(mode='slurm')
     with pytest.raises(TypeError, match='nproc_per_node'):

@@ -170,18 +170,18 @@ class RayCluster:
         timeout = self.call_timeout if timeout is None else timeout
         pending = dict(zip(refs, ranks))
         answers: Dict[int, Any] = {}
+        failures: Dict[int, BaseException] = {}
         deadline = time.monotonic() + timeout
-        failure = None
+        grace_end = None
         while pending:
-            left = deadline - time.monotonic()
-            if failure is not None:
-                left = min(left, failure[2] - time.monotonic())
+            left = deadline - time.monotonic() if grace_end is None else min(deadline, grace_end) - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0))
             if not ready:
                 stuck = sorted(pending.values())
-                if failure is not None:
-                    self._stop(group, f'rank {failure[0]} failed in {what} and ranks {stuck} stayed stuck')
-                    raise failure[1]
+                if failures:
+                    first = min(failures)
+                    self._stop(group, f'rank {first} failed in {what} and ranks {stuck} stayed stuck')
+                    raise failures[first]
                 self._stop(group, f'ranks {stuck} did not answer {what} within {timeout:g} s')
                 raise RemoteTimeout(f'group {group.name!r}: ranks {stuck} did not answer {what} within {timeout:g} s '
                                     f'(call_timeout); the group is stopped')
@@ -194,10 +194,10 @@ class RayCluster:
                 self._stop(group, reason)
                 raise RemoteGroupError(f'group {group.name!r}: {reason}: {_first_line(error)}') from None
             except ray.exceptions.RayTaskError as error:
-                if failure is None:
-                    failure = (rank, _user_error(error, group.name, rank, what), time.monotonic() + FAILURE_GRACE_S)
-        if failure is not None:
-            raise failure[1]
+                failures[rank] = _user_error(error, group.name, rank, what)
+                grace_end = grace_end or time.monotonic() + FAILURE_GRACE_S
+        if failures:
+            raise failures[min(failures)]  # the lowest failing rank: the same report whichever failed first
         return [answers[rank] for rank in ranks]
 
     def defer(self, lazy):
@@ -210,7 +210,9 @@ class RayCluster:
         """Resolve the lazy answers that have arrived (all of them with ``wait``); a failed one raises."""
         pending, self.deferred = self.deferred, []
         for index, lazy in enumerate(pending):
-            arrived = lazy._done or wait or not self.ray.wait(lazy._refs, num_returns=len(lazy._refs), timeout=0)[1]
+            if lazy._done:  # already used: its failure, if any, was seen
+                continue
+            arrived = wait or not self.ray.wait(lazy._refs, num_returns=len(lazy._refs), timeout=0)[1]
             if not arrived:
                 self.deferred.append(lazy)
                 continue

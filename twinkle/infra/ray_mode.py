@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from twinkle.utils.process_state import LOCAL, RAY_DRIVER, process_state
-from twinkle.utils.remote import install_proxy_factory
 
 from .ray_cluster import RayCluster
 
@@ -28,8 +27,7 @@ def initialize_ray(groups: Sequence, *, global_mesh=None, nproc_per_node: Option
                          ray_address=ray_address, worker_init=worker_init or {},
                          call_timeout=_positive('call_timeout', call_timeout, DEFAULT_CALL_TIMEOUT_S),
                          start_timeout=_positive('start_timeout', start_timeout, DEFAULT_START_TIMEOUT_S))
-    state.role, state.cluster, state.mesh = RAY_DRIVER, cluster, global_mesh
-    install_proxy_factory(_proxy)
+    state.role, state.cluster, state.mesh, state.proxy_factory = RAY_DRIVER, cluster, global_mesh, _proxy
     return cluster
 
 
@@ -38,8 +36,7 @@ def shutdown_ray() -> None:
     state = process_state()
     if state.cluster is not None:
         state.cluster.shutdown()
-    state.cluster, state.role = None, LOCAL
-    install_proxy_factory(None)
+    state.cluster, state.role, state.proxy_factory = None, LOCAL, None
 
 
 def _proxy(cls, remote_group, args, kwargs):

@@ -24,11 +24,20 @@ class LazyResult:
     """A remote call's combined answer, fetched on first use (``result()``, or using it as the value)."""
 
     def __init__(self, resolve: Callable[[], Any], refs: List[Any]):
-        self._resolve, self._refs, self._done, self._value = resolve, refs, False, None
+        self._resolve, self._refs, self._done, self._value, self._error = resolve, refs, False, None, None
 
     def result(self) -> Any:
+        """The answer; a failed call raises its error here (again on every use)."""
         if not self._done:
-            self._value, self._done = self._resolve(), True
+            try:
+                self._value = self._resolve()
+            except BaseException as error:
+                self._error = error
+                raise
+            finally:
+                self._done = True
+        if self._error is not None:
+            raise self._error
         return self._value
 
     def __getattr__(self, name):

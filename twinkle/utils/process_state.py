@@ -27,7 +27,8 @@ class ProcessState:
     mesh: Any = None                        # the DeviceMesh given to twinkle.initialize
     backend: Any = None                     # the detected device backend (twinkle.backends.current)
     collective_timeout: Optional[datetime.timedelta] = None
-    cluster: Any = None                     # a Ray driver's cluster (twinkle.infra.ray.RayCluster)
+    cluster: Any = None                     # a Ray driver's cluster (twinkle.infra.ray_cluster.RayCluster)
+    proxy_factory: Any = None               # (cls, remote_group, args, kwargs) -> proxy, in a Ray driver
     rank: Optional[int] = None
     local_rank: Optional[int] = None
     caches: Dict[str, dict] = field(default_factory=dict)

@@ -2,7 +2,7 @@
 
 The component layer must not import the Ray layer above it, so this module only records: a class
 deriving from ``RemoteCapable`` returns, when built with ``remote_group=`` in a Ray driver, whatever
-the factory installed by ``twinkle.initialize(mode='ray')`` makes of it (a proxy); ``@remote_method``
+the process state's ``proxy_factory`` (set by ``twinkle.initialize(mode='ray')``) makes of it (a proxy); ``@remote_method``
 says how a method's call is spread over the group's ranks and how their answers are combined.
 Outside a Ray driver ``remote_group`` is ignored: the seeds' scripts keep it under torchrun.
 """
@@ -57,15 +57,6 @@ def call_rule(cls: type, name: str) -> CallRule:
     return DEFAULT_RULE
 
 
-_proxy_factory: Optional[Callable] = None
-
-
-def install_proxy_factory(factory: Optional[Callable]) -> None:
-    """``factory(cls, remote_group, args, kwargs)`` builds the driver's proxy (the Ray layer sets it)."""
-    global _proxy_factory
-    _proxy_factory = factory
-
-
 class RemoteCapable:
     """Mixin: ``Cls(..., remote_group='name')`` in a Ray driver returns a proxy of an instance built
     on each rank of that group; anywhere else it builds the instance here and ignores the name."""
@@ -79,7 +70,8 @@ class RemoteCapable:
 
     def __new__(cls, *args, remote_group: Optional[str] = None, **kwargs):
         if remote_group is not None:
-            if process_state().role == RAY_DRIVER and _proxy_factory is not None:
-                return _proxy_factory(cls, remote_group, args, kwargs)
+            state = process_state()
+            if state.role == RAY_DRIVER and state.proxy_factory is not None:
+                return state.proxy_factory(cls, remote_group, args, kwargs)
             logger.debug('%s: remote_group=%r ignored outside a Ray driver', cls.__name__, remote_group)
         return super().__new__(cls)
