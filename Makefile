@@ -4,7 +4,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev,triton,liger,megatron,ray
+EXTRAS     ?= dev,triton,liger,megatron,ray,server
 STAMP      := $(VENV)/.twinkle-installed
 # The versions the suite passed with (constraints.txt); UPGRADE=1 installs the newest releases instead,
 # to find drift on purpose (make test-latest), and `make lock` records them once the suite passes.

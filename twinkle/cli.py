@@ -1,4 +1,4 @@
-"""``twinkle env``: the facts a bug report needs, in one table."""
+"""``twinkle env``: the facts a bug report needs, in one table; ``twinkle serve``: the training service."""
 from __future__ import annotations
 
 import argparse
@@ -62,9 +62,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='twinkle')
     commands = parser.add_subparsers(dest='command', required=True)
     commands.add_parser('env', help='print device, packages and kernel choices')
+    from twinkle.server.main import add_serve_arguments, serve
+    add_serve_arguments(commands.add_parser('serve', help='serve multi-tenant LoRA training over HTTP (extra "server")'))
     args = parser.parse_args(argv)
     if args.command == 'env':
         print(env_report())
+    elif args.command == 'serve':
+        return serve(args)
     return 0
 
 

@@ -97,6 +97,31 @@ def load_dataset(dataset_id: str, subset_name: str = 'default', split: str = 'tr
         raise _unavailable(dataset_id, location.hub, error) from error
 
 
+def upload(local_dir: str, hub_id: str, private: bool = True) -> str:
+    """Push a directory to ``ms://org/name`` or ``hf://org/name`` (created private unless ``private=False``);
+    returns the hub id. Unreachable hubs raise ``HubUnavailableError``."""
+    location = locate(hub_id)
+    if location.hub == LOCAL:
+        raise ValueError(f'hub_id must be a hub repository ("ms://org/name" or "hf://org/name"), got {hub_id!r}')
+    _require_client(hub_id, location.hub)
+    try:
+        if location.hub == HUGGINGFACE:
+            from huggingface_hub import HfApi
+            api = HfApi()
+            api.create_repo(location.name, private=private, exist_ok=True)
+            api.upload_folder(folder_path=local_dir, repo_id=location.name)
+        else:
+            from modelscope.hub.api import HubApi
+            api = HubApi()
+            api.create_repo(location.name, visibility='private' if private else 'public', exist_ok=True)
+            api.upload_folder(repo_id=location.name, folder_path=local_dir)
+    except Exception as error:
+        reason = ' '.join(str(error).split())
+        raise HubUnavailableError(f'could not push to {hub_id!r} on {location.hub} ({type(error).__name__}: '
+                                  f'{reason}); offline, or no token with write access?') from error
+    return hub_id
+
+
 def _require_client(resource_id: str, hub: str) -> None:
     client = _CLIENTS[hub]
     if not has_package(client):
