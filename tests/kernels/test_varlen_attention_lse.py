@@ -170,3 +170,146 @@ def test_bad_inputs_name_the_argument(change, message, monkeypatch):
     change(arguments)
     with pytest.raises(ValueError, match=message):
         kernels.varlen_attention_lse(**arguments)
+
+
+# -- the fused CUDA / Ascend blocks, through fake modules that keep the kernels' conventions ------------
+# flash-attn: lse (heads, total_q), int32 boundaries, dq/dk/dv written in place; npu_fusion_attention:
+# TND with sequence ends, softmax_max / softmax_sum (T, N, 8). The fakes compute with the reference, so
+# what is checked is twinkle's side: layouts, dtypes, the merged-result backward, and the fallbacks.
+
+def _fake_flash(calls):
+    import types
+
+    from twinkle.kernels.varlen_attention import sdpa
+
+    def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                   softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+                                   alibi_slopes=None, return_softmax=False, block_table=None):
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and dropout_p == 0.0
+        assert (window_size_left, window_size_right, softcap, return_softmax) == (-1, -1, 0.0, False)
+        calls.append(('forward', max_seqlen_q, max_seqlen_k, causal))
+        out, lse = kernels.varlen_attention_lse(q, k, v, cu_seqlens_q.long(), cu_seqlens_k.long(), causal=causal,
+                                                scale=softmax_scale, backend='reference')
+        empty = lse.isinf()  # a query with no key: flash writes what it writes; twinkle must not care
+        return out.masked_fill(empty[..., None], float('nan')).to(q.dtype), lse.t().contiguous(), None, None
+
+    def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                                    window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
+                                    rng_state=None):
+        assert out.dtype == dout.dtype == q.dtype and softmax_lse.shape == (q.shape[1], q.shape[0])
+        calls.append(('backward', max_seqlen_q, max_seqlen_k, causal))
+        grads = sdpa.varlen_attention_lse_backward(dout, q, k, v, out, softmax_lse.t(), cu_seqlens_q.long(),
+                                                   cu_seqlens_k.long(), causal, softmax_scale)
+        for target, grad in zip((dq, dk, dv), grads):
+            target.copy_(grad)
+
+    interface = types.SimpleNamespace(_flash_attn_varlen_forward=_flash_attn_varlen_forward,
+                                      _flash_attn_varlen_backward=_flash_attn_varlen_backward)
+    return types.SimpleNamespace(flash_attn_interface=interface), interface
+
+
+def _fake_npu(calls):
+    import types
+
+    from twinkle.kernels.varlen_attention import sdpa
+
+    def cu(ends):
+        return torch.tensor([0, *ends])
+
+    def npu_fusion_attention(q, k, v, head_num, layout, scale, keep_prob, actual_seq_qlen, actual_seq_kvlen,
+                             atten_mask=None, sparse_mode=0):
+        assert layout == 'TND' and head_num == q.shape[1] and keep_prob == 1.0
+        calls.append(('forward', actual_seq_qlen, actual_seq_kvlen, sparse_mode))
+        out, lse = kernels.varlen_attention_lse(q, k, v, cu(actual_seq_qlen), cu(actual_seq_kvlen),
+                                                causal=sparse_mode == 3, scale=scale, backend='reference')
+        row_max = lse - 0.5  # any split with max + log(sum) = lse
+        return out.to(q.dtype), row_max[..., None].expand(-1, -1, 8), torch.full((*lse.shape, 8), 0.5).exp()
+
+    def npu_fusion_attention_grad(q, k, v, dy, head_num, layout, softmax_max, softmax_sum, attention_in,
+                                  scale_value, keep_prob, actual_seq_qlen, actual_seq_kvlen, atten_mask=None,
+                                  sparse_mode=0):
+        assert softmax_max.shape == softmax_sum.shape == (*q.shape[:2], 8) and attention_in.dtype == q.dtype
+        calls.append(('backward', actual_seq_qlen, actual_seq_kvlen, sparse_mode))
+        lse = softmax_max[..., 0] + softmax_sum[..., 0].log()
+        return (*sdpa.varlen_attention_lse_backward(dy, q, k, v, attention_in, lse, cu(actual_seq_qlen),
+                                                    cu(actual_seq_kvlen), sparse_mode == 3, scale_value), None)
+
+    return types.SimpleNamespace(npu_fusion_attention=npu_fusion_attention,
+                                 npu_fusion_attention_grad=npu_fusion_attention_grad)
+
+
+def _install(monkeypatch, name, calls):
+    import sys
+    from twinkle.kernels.varlen_attention import flash, npu
+    if name == 'flash':
+        package, interface = _fake_flash(calls)
+        monkeypatch.setitem(sys.modules, 'flash_attn', package)
+        monkeypatch.setitem(sys.modules, 'flash_attn.flash_attn_interface', interface)
+        return flash
+    monkeypatch.setitem(sys.modules, 'torch_npu', _fake_npu(calls))
+    return npu
+
+
+@pytest.mark.parametrize('name', ['flash', 'npu'])
+def test_fused_blocks_give_the_ring_its_output_lse_and_merged_gradients(monkeypatch, name):
+    """Two key blocks (a causal diagonal one, a full earlier one) merged by lse, then each block's
+    backward from the merged result: equal to the whole attention's output and gradients."""
+    calls = []
+    module = _install(monkeypatch, name, calls)
+    lengths = [6, 3, 5]
+    q = randn(sum(lengths), 4, 8, dtype=torch.bfloat16)
+    k, v = randn(sum(lengths), 2, 8, seed=1, dtype=torch.bfloat16), randn(sum(lengths), 2, 8, seed=2,
+                                                                             dtype=torch.bfloat16)
+    cu, scale = bounds(lengths), 8 ** -0.5
+    grad_out = randn(sum(lengths), 4, 8, seed=3)
+    whole = [t.float().requires_grad_() for t in (q, k, v)]
+    want, _ = kernels.varlen_attention_lse(*whole, cu, cu, causal=True, scale=scale, backend='reference')
+    want.backward(grad_out)
+    # queries: the second half of each sequence; keys: its first half (full) and second half (causal)
+    half = [n // 2 for n in lengths]
+    rows_late = torch.cat([torch.arange(s + h, s + n) for s, h, n in zip(cu[:-1].tolist(), half, lengths)])
+    rows_early = torch.cat([torch.arange(s, s + h) for s, h in zip(cu[:-1].tolist(), half)])
+    cu_late, cu_early = bounds([n - h for n, h in zip(lengths, half)]), bounds(half)
+    blocks = [(rows_early, cu_early, False), (rows_late, cu_late, True)]
+    parts = [module.varlen_attention_lse(q[rows_late], k[keys], v[keys], cu_late, cu_keys, causal, scale)
+             for keys, cu_keys, causal in blocks]
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), 0)
+    out = sum(part_out * (part_lse - lse).exp()[..., None] for part_out, part_lse in parts)
+    close(out, want.detach()[rows_late], rel=2 ** -7)
+    dq = torch.zeros(q.shape)
+    dk, dv = torch.zeros(k.shape), torch.zeros(v.shape)
+    for keys, cu_keys, causal in blocks:
+        grads = module.varlen_attention_lse_backward(grad_out[rows_late], q[rows_late], k[keys], v[keys], out, lse,
+                                                     cu_late, cu_keys, causal, scale)
+        dq[rows_late] += grads[0].float()
+        dk[keys] += grads[1].float()
+        dv[keys] += grads[2].float()
+    # the late queries' attention is all of these two blocks (the early queries' is another ring step)
+    close(dq[rows_late], whole[0].grad[rows_late], rel=2 ** -6)
+    assert [call[0] for call in calls] == ['forward', 'forward', 'backward', 'backward']
+    assert dk.abs().sum() > 0 and dv.abs().sum() > 0
+
+
+@pytest.mark.parametrize('name', ['flash', 'npu'])
+def test_fused_blocks_hand_what_they_cannot_express_to_the_reference_and_say_why(monkeypatch, name, twinkle_logs):
+    from twinkle.kernels.varlen_attention import sdpa
+    monkeypatch.setattr(sdpa, '_warned', set())
+    calls = []
+    module = _install(monkeypatch, name, calls)
+    q = randn(8, 2, 4, dtype=torch.bfloat16)
+    expected = kernels.varlen_attention_lse(q, q, q, bounds([3, 5]), bounds([5, 3]), causal=True,
+                                            backend='reference')
+    got = module.varlen_attention_lse(q, q, q, bounds([3, 5]), bounds([5, 3]), True, 4 ** -0.5)
+    close(got[0], expected[0])
+    assert 'aligns causal masks bottom-right' in twinkle_logs.text and not calls
+    got32 = module.varlen_attention_lse(q.float(), q.float(), q.float(), bounds([8]), bounds([8]), False, 0.5)
+    assert 'fp16/bf16 only' in twinkle_logs.text and not calls and got32[0].dtype == torch.float32
+    out, lse = module.varlen_attention_lse(q, q[:5], q[:5], bounds([3, 5]), bounds([5, 0]), False, 0.5)
+    assert torch.equal(out[3:], torch.zeros(5, 2, 4)) and bool((lse[3:] == float('-inf')).all())  # no keys
+
+
+def test_cuda_and_npu_select_their_fused_blocks():
+    from twinkle.kernels import registry
+    assert registry._op('varlen_attention_lse').priority['cuda'][0] == 'flash_attn'
+    assert registry._op('varlen_attention_lse').priority['npu'][0] == 'npu'

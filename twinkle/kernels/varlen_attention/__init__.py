@@ -4,7 +4,10 @@ Packing puts several samples in one row of ``total`` tokens; ``cu_seq_lens`` (cu
 lengths, ``[0, len0, len0+len1, ..., total]``) says where each begins. Attention must not cross
 those boundaries, or a packed batch would train differently from the same samples padded.
 Backends: ``flash_attn`` (CUDA), ``npu`` (torch_npu fusion attention), ``sdpa`` (one batched,
-masked SDPA: exact anywhere) and ``reference`` (a loop over sequences, the oracle).
+masked SDPA: exact anywhere) and ``reference`` (a loop over sequences, the oracle); for the blocks,
+``sdpa`` (torch's fused CPU kernel), ``flash_attn`` and ``npu`` (fp16/bf16, forward with the
+log-sum-exp and backward from the merged result), ``reference`` elsewhere and for what the fused
+kernels cannot express (a causal block of unequal counts; on NPU a sequence with queries but no keys).
 ``register_hf_attention()`` makes it a Hugging Face attention implementation.
 ``varlen_attention_lse`` is one block of a split attention (queries and keys of a sequence in
 different numbers, the log-sum-exp returned): what ring attention merges (``twinkle.parallel``).
@@ -20,20 +23,16 @@ from .. import registry
 from ..checks import check_values, require_boundaries, require_same_device, require_size, require_tensor
 from ..registry import Impl
 
-registry.register(
-    'varlen_attention',
-    {'reference': 'reference', 'sdpa': Impl('sdpa'),
-     'flash_attn': Impl('flash', devices=('cuda',), packages=('flash_attn',), extra='flash-attn',
-                        check=lambda target: None if target.has_flash_attn else 'flash-attn 2 needs sm80+'),
-     'npu': 'npu'},
-    priority={
-        'cuda': ['flash_attn', 'sdpa', 'reference'],
-        'npu': ['npu', 'sdpa', 'reference'],
-        '*': ['sdpa', 'reference'],
-    },
-)
-registry.register('varlen_attention_lse', {'reference': 'reference', 'sdpa': Impl('sdpa', devices=('cpu',))},
-                  {'cpu': ['sdpa', 'reference'], '*': ['reference']}, package='twinkle.kernels.varlen_attention')
+_FLASH = Impl('flash', devices=('cuda',), packages=('flash_attn',), extra='flash-attn',
+              check=lambda target: None if target.has_flash_attn else 'flash-attn 2 needs sm80+')
+registry.register('varlen_attention', {'reference': 'reference', 'sdpa': Impl('sdpa'), 'flash_attn': _FLASH, 'npu': 'npu'},
+                  priority={'cuda': ['flash_attn', 'sdpa', 'reference'], 'npu': ['npu', 'sdpa', 'reference'],
+                            '*': ['sdpa', 'reference']})
+# The blocks of ring attention; the fused backends are forward only (gradients: varlen_attention_lse_backward).
+registry.register('varlen_attention_lse',
+                  {'reference': 'reference', 'sdpa': Impl('sdpa', devices=('cpu',)), 'flash_attn': _FLASH, 'npu': 'npu'},
+                  {'cpu': ['sdpa', 'reference'], 'cuda': ['flash_attn', 'reference'], 'npu': ['npu', 'reference'],
+                   '*': ['reference']}, package='twinkle.kernels.varlen_attention')
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, *,
@@ -112,10 +111,10 @@ def varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f'scale must be a positive finite number, got {scale!r}')
     implementation = registry.resolve('varlen_attention_lse', backend, q.device)
-    if implementation.__module__.endswith('.sdpa') and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v)):
-        raise ValueError('varlen_attention_lse: the sdpa backend is forward only (its gradients come from '
-                         'varlen_attention_lse_backward); pass backend="reference" to differentiate it directly')
+    fused = implementation.__module__.rsplit('.', 1)[-1]
+    if fused in ('sdpa', 'flash', 'npu') and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError(f'varlen_attention_lse: the {fused} backend is forward only (its gradients come from '
+                         f'varlen_attention_lse_backward); pass backend="reference" to differentiate it directly')
     return implementation(q, k, v, cu_seq_lens_q, cu_seq_lens_k, bool(causal), float(scale))
 
 

@@ -74,8 +74,33 @@ def _block_layout(q, k, cu_seq_lens_q, cu_seq_lens_k, causal, longest_q, longest
     return index_q, index_k, sequence_q, slot_q, mask
 
 
-def _longest(cu_seq_lens: torch.Tensor) -> int:
+def longest(cu_seq_lens: torch.Tensor) -> int:
     return max(int(cu_seq_lens.diff().max()), 1) if cu_seq_lens.numel() > 1 else 1
+
+
+def without_empty_keys(out: torch.Tensor, lse: torch.Tensor, cu_seq_lens_q, cu_seq_lens_k):
+    """A sequence with queries but no keys: output 0 and log-sum-exp -inf, whatever a kernel wrote."""
+    real_keys = torch.repeat_interleave(cu_seq_lens_k.diff() > 0, cu_seq_lens_q.diff().long(),
+                                        output_size=out.shape[0])
+    return (out.masked_fill(~real_keys[:, None, None], 0.0),  # not a product: a kernel may have written NaN
+            lse.masked_fill(~real_keys[:, None], float('-inf')))
+
+
+def reference_block(backend: str, reason, *arguments):
+    """A block a fused kernel cannot run, on the reference (logged once per reason)."""
+    from . import reference
+    if reason and (backend, reason) not in _warned:
+        _warned.add((backend, reason))
+        logger.warning('varlen_attention_lse: %s; the block runs on the reference', reason)
+    return reference.varlen_attention_lse(*arguments)
+
+
+def reference_block_backward(backend: str, reason, *arguments):
+    from . import reference
+    if reason and (backend, reason) not in _warned:
+        _warned.add((backend, reason))
+        logger.warning('varlen_attention_lse_backward: %s; the block runs on the reference', reason)
+    return reference.varlen_attention_lse_backward(*arguments)
 
 
 def _grouped(t: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
@@ -94,7 +119,7 @@ def varlen_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                 q.new_full(q.shape[:2], float('-inf'), dtype=torch.float32))
     groups = q.shape[1] // k.shape[1]
     index_q, index_k, sequence, slot, mask = _block_layout(q, k, cu_seq_lens_q, cu_seq_lens_k, causal,
-                                                           _longest(cu_seq_lens_q), _longest(cu_seq_lens_k))
+                                                           longest(cu_seq_lens_q), longest(cu_seq_lens_k))
     with torch.no_grad():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[index_q].transpose(1, 2).contiguous(), _grouped(k, index_k, groups), _grouped(v, index_k, groups),
@@ -112,7 +137,7 @@ def varlen_attention_lse_backward(grad_out, q, k, v, out, lse, cu_seq_lens_q, cu
     if q.shape[0] == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     groups = q.shape[1] // k.shape[1]
-    longest_q, longest_k = _longest(cu_seq_lens_q), _longest(cu_seq_lens_k)
+    longest_q, longest_k = longest(cu_seq_lens_q), longest(cu_seq_lens_k)
     index_q, index_k, sequence, slot, mask = _block_layout(q, k, cu_seq_lens_q, cu_seq_lens_k, causal,
                                                            longest_q, longest_k)
     real_q = torch.zeros(index_q.shape, dtype=torch.bool, device=q.device)
