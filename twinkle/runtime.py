@@ -1,6 +1,7 @@
 """Process set-up shared by every entry point: device, process group, mesh, seeds."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -131,11 +132,20 @@ def _join_process_group(device: backends.Backend, timeout: Optional[datetime.tim
     else:
         origin = 'initialize(timeout=...)' if timeout is not None else 'torch default'
     dist.init_process_group(backend=device.dist_backend, timeout=timeout)
+    atexit.register(_destroy_process_group)
     process_state().collective_timeout = timeout
     with collective('initialize'):
         dist.barrier()
     logger.info('process group: %s, %d ranks, collective timeout %s (%s)', device.dist_backend,
                 dist.get_world_size(), timeout or 'torch default', origin)
+
+
+def _destroy_process_group() -> None:
+    """At exit, while the interpreter is whole: a gloo group left to the interpreter's teardown can
+    abort the process ("terminate called without an active exception", pytorch/pytorch#190489),
+    failing a job that finished. A no-op when the script destroyed it already."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_group_timeout() -> Optional[datetime.timedelta]:

@@ -59,3 +59,23 @@ def test_bad_timeout_is_named(timeout):
 def test_bad_mesh_is_named():
     with pytest.raises(ValueError, match='global_device_mesh'):
         twinkle.initialize(global_device_mesh={'fsdp': 2})
+
+
+def test_the_process_group_is_destroyed_at_exit(tmp_path):
+    """Left to the interpreter's teardown a gloo group can abort a finished job (pytorch#190489)."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    code = ('import atexit, torch.distributed as dist, twinkle\n'
+            'twinkle.initialize(timeout=60)\n'
+            'assert dist.is_initialized()\n'
+            'atexit._run_exitfuncs()\n'
+            'print("still initialized:", dist.is_initialized())')
+    env = dict(__import__('os').environ, RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(port), TWINKLE_DEVICE='cpu')
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'still initialized: False' in result.stdout
