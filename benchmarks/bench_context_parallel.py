@@ -14,6 +14,8 @@ mark is read: the activation peak is that minus the resident set before the step
 its ratio to one process's. Apart, the bytes autograd saves for backward in one more step (the
 activations proper, parameters left out) show what the sharding itself removes; the peak also
 holds transients (FSDP2's gathered weights and unsharded gradients, the LM head's chunk buffer).
+``fsdp=2`` (two data ranks, each with its own 4096-token sequence: one process's tokens per rank) is
+what FSDP2 itself costs; a cp=2 rank pays it too, so cp=2 ÷ fsdp=2 is the context-parallel saving.
 
 Bytes: one more forward + backward with ``dist.all_to_all_single`` and ``dist.batch_isend_irecv``
 wrapped (here only) to count what each rank sends to other ranks (an all-to-all's own slice
@@ -42,7 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-LAYOUTS = {'one process': (1, 1, 1), 'cp=2': (2, 2, 1), 'ulysses=2': (2, 1, 2), 'cp=2 x ulysses=2': (4, 2, 2)}
+LAYOUTS = {'one process': (1, 1, 1), 'fsdp=2': (2, 1, 1), 'cp=2': (2, 2, 1), 'ulysses=2': (2, 1, 2), 'cp=2 x ulysses=2': (4, 2, 2)}
 WIDE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, head_dim=64, tie_word_embeddings=True, max_position_embeddings=4096)
 MODELS = {'default': {'tiny': None, 'wide': WIDE},
